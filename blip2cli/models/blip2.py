@@ -1,0 +1,131 @@
+"""BLIP-2 networks: the stage-1 representation model and the image-to-text model.
+
+Both share ``encode_image`` (frozen ViT, then ``ln_vision``) and the Q-Former; the stage-1 model adds
+the ITC projections, the ITM head and the learnable temperature, the image-to-text model adds the
+projection into a frozen language model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .llm import LanguageModel, build_language_model
+from .qformer import MaskMode, QFormer, QFormerConfig
+from .vision import VisionConfig, VisionTower
+
+
+@dataclass
+class Blip2Config:
+    """Everything needed to build a BLIP-2 network (weights aside)."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    # transformers config dict of the frozen LLM (with model_type); None for a stage-1 model.
+    text: dict[str, Any] | None = None
+    embed_dim: int = 256  # ITC projection width (stage 1)
+    ln_vision_eps: float = 1e-6  # transformers' value; LAVIS uses 1e-5
+    image_token_id: int | None = None  # the LLM's <image> placeholder, when the checkpoint has one
+
+    @property
+    def is_image_to_text(self) -> bool:
+        return self.text is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Blip2Config:
+        d = dict(d)
+        return cls(vision=VisionConfig(**d.pop("vision")), qformer=QFormerConfig(**d.pop("qformer")), **d)
+
+
+class Blip2Base(nn.Module):
+    def __init__(self, cfg: Blip2Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.vision = VisionTower(cfg.vision)
+        self.ln_vision = nn.LayerNorm(cfg.vision.width, eps=cfg.ln_vision_eps)
+        self.qformer = QFormer(cfg.qformer)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised ViT tokens ``(B, N, width)`` in the Q-Former's dtype (float32 by default)."""
+        tokens = self.vision(pixel_values)
+        return F.layer_norm(tokens.to(self.ln_vision.weight.dtype), self.ln_vision.normalized_shape,
+                            self.ln_vision.weight, self.ln_vision.bias, self.ln_vision.eps)
+
+    def query_output(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """The learned queries after cross-attending to the image, ``(B, queries, hidden)``."""
+        return self.qformer(image=image_embeds).query_states
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.vision]
+
+
+class Blip2Stage1(Blip2Base):
+    """Q-Former with ITC, ITM and ITG heads (stage-1 pretraining, retrieval, Q-Former captioning)."""
+
+    def __init__(self, cfg: Blip2Config) -> None:
+        super().__init__(cfg)
+        d = cfg.qformer.hidden_size
+        self.vision_proj = nn.Linear(d, cfg.embed_dim)
+        self.text_proj = nn.Linear(d, cfg.embed_dim)
+        self.itm_head = nn.Linear(d, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+
+    def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """L2-normalised ITC features of the queries, ``(B, queries, embed_dim)``."""
+        q = self.query_output(image_embeds)
+        return F.normalize(self.vision_proj(q.to(self.vision_proj.weight.dtype)), dim=-1)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised ITC features of the text [CLS] token, ``(B, embed_dim)``."""
+        out = self.qformer(input_ids=input_ids, text_mask=attention_mask, use_queries=False)
+        return F.normalize(self.text_proj(out.hidden_states[:, 0].to(self.text_proj.weight.dtype)), dim=-1)
+
+    @staticmethod
+    def similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+        """ITC similarity ``(images, texts)``: the best query's cosine with each text (no temperature)."""
+        return torch.einsum("iqd,td->iqt", image_feats, text_feats).max(dim=1).values
+
+    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """Paired ITM logits ``(B, 2)``: the ITM head on each query row of the joint pass, averaged."""
+        out = self.qformer(image=image_embeds, input_ids=input_ids, text_mask=attention_mask,
+                           mode=MaskMode.BIDIRECTIONAL)
+        return self.itm_head(out.query_states.to(self.itm_head.weight.dtype)).mean(dim=1)
+
+
+class Blip2ImageToText(Blip2Base):
+    """ViT, Q-Former (query path) and a projection into a frozen LLM."""
+
+    def __init__(self, cfg: Blip2Config, language_model: nn.Module | None = None) -> None:
+        super().__init__(cfg)
+        if cfg.text is None:
+            raise ValueError("an image-to-text model needs a language-model config")
+        lm = language_model if language_model is not None else build_language_model(cfg.text)
+        self.language_model = LanguageModel(lm)
+        self.language_projection = nn.Linear(cfg.qformer.hidden_size, self.language_model.hidden_size)
+
+    def soft_prompts(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected query outputs ``(B, queries, llm width)``: the visual prompt of the LLM."""
+        q = self.query_output(self.encode_image(pixel_values))
+        proj = self.language_projection
+        return proj(q.to(proj.weight.dtype))
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                **kwargs: Any):
+        return self.language_model(self.soft_prompts(pixel_values), input_ids, attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 **decoding: Any) -> torch.Tensor:
+        return self.language_model.generate(self.soft_prompts(pixel_values), input_ids, attention_mask,
+                                            placeholder_id=self.config.image_token_id, **decoding)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.vision, self.language_model]

@@ -1,0 +1,383 @@
+"""Find, load, save and export BLIP-2 checkpoints.
+
+A model name resolves in this order: a local path (our checkpoint or run directory, a transformers
+BLIP-2 directory, a LAVIS ``.pth``), a registry name, a Hugging Face hub id. Networks are built on the
+meta device and take the loaded tensors as they are (no second copy); every key is accounted for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import Blip2Error
+from . import keymaps, registry
+from .blip2 import Blip2Config, Blip2ImageToText, Blip2Stage1
+from .llm import build_language_model
+from .qformer import QFormerConfig
+from .vision import VisionConfig
+
+FORMAT_FILE = "blip2.json"
+WEIGHTS_FILE = "model.safetensors"
+# Kept in float32 whatever the load dtype: the trainable bridge (as transformers and LAVIS do).
+FP32_PREFIXES = ("qformer.", "ln_vision.", "vision_proj.", "text_proj.", "itm_head.", "temp")
+
+
+@dataclass
+class Checkpoint:
+    """A built network with what it needs to read inputs."""
+
+    net: nn.Module  # Blip2ImageToText or Blip2Stage1
+    config: Blip2Config
+    tokenizer: Any  # the LLM's tokenizer (image-to-text) or None
+    qformer_tokenizer: Any  # the Q-Former's BERT tokenizer, where the checkpoint has a text side
+    generation: str | None  # name of the generation recipe with this model's decoding defaults
+    source: str  # what was loaded, for messages and provenance
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def config_from_hf(hf) -> Blip2Config:
+    """Our config from a ``transformers.Blip2Config``."""
+    v, q = hf.vision_config, hf.qformer_config
+    if getattr(v, "hidden_act", "gelu") != "gelu" or not getattr(v, "qkv_bias", True):
+        raise Blip2Error("unsupported vision config: BLIP-2 towers use exact GELU and q/v biases")
+    archs = hf.architectures or []
+    retrieval = "Blip2ForImageTextRetrieval" in archs or (q.use_qformer_text_input and not archs)
+    vision = VisionConfig(kind="eva", image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size,
+                          layers=v.num_hidden_layers, heads=v.num_attention_heads, mlp_dim=v.intermediate_size,
+                          layer_norm_eps=v.layer_norm_eps)
+    qformer = QFormerConfig(
+        hidden_size=q.hidden_size, num_layers=q.num_hidden_layers, num_heads=q.num_attention_heads,
+        intermediate_size=q.intermediate_size, encoder_width=v.hidden_size, num_query_tokens=hf.num_query_tokens,
+        cross_attention_frequency=q.cross_attention_frequency, vocab_size=q.vocab_size,
+        max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.layer_norm_eps,
+        dropout=q.hidden_dropout_prob, attention_dropout=q.attention_probs_dropout_prob,
+        pad_token_id=q.pad_token_id if q.pad_token_id is not None else 0,
+        has_text=bool(retrieval), has_lm_head=False,
+    )
+    text = None if retrieval else hf.text_config.to_dict()
+    return Blip2Config(vision=vision, qformer=qformer, text=text, embed_dim=hf.image_text_hidden_size,
+                       ln_vision_eps=v.layer_norm_eps,
+                       image_token_id=None if retrieval else hf.image_token_index)
+
+
+def config_to_hf(cfg: Blip2Config):
+    """A ``transformers.Blip2Config`` for our config (EVA-style towers only)."""
+    from transformers import Blip2Config as HFConfig
+
+    v, q = cfg.vision, cfg.qformer
+    if v.kind != "eva":
+        raise Blip2Error("transformers' BLIP-2 cannot represent a CLIP ViT-L tower; export needs an EVA ViT")
+    vision = dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.layers,
+                  num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+                  layer_norm_eps=v.layer_norm_eps, hidden_act="gelu", qkv_bias=True)
+    qformer = dict(hidden_size=q.hidden_size, num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
+                   intermediate_size=q.intermediate_size, cross_attention_frequency=q.cross_attention_frequency,
+                   vocab_size=q.vocab_size, max_position_embeddings=q.max_position_embeddings,
+                   layer_norm_eps=q.layer_norm_eps, hidden_dropout_prob=q.dropout,
+                   attention_probs_dropout_prob=q.attention_dropout, pad_token_id=q.pad_token_id,
+                   use_qformer_text_input=q.has_text, encoder_hidden_size=v.width)
+    kwargs: dict[str, Any] = dict(vision_config=vision, qformer_config=qformer, num_query_tokens=q.num_query_tokens,
+                                  image_text_hidden_size=cfg.embed_dim)
+    if cfg.text is not None:
+        kwargs.update(text_config=dict(cfg.text), image_token_index=cfg.image_token_id)
+    hf = HFConfig(**kwargs)
+    hf.architectures = ["Blip2ForConditionalGeneration" if cfg.text is not None else "Blip2ForImageTextRetrieval"]
+    return hf
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a transformers-style directory (single or sharded safetensors, or a .bin)."""
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / WEIGHTS_FILE).exists():
+        files = [WEIGHTS_FILE]
+    elif (path / "pytorch_model.bin").exists():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise Blip2Error(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(path / f))
+    return state
+
+
+def _cast(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        want = torch.float32 if k.startswith(FP32_PREFIXES) else dtype
+        out[k] = v.to(want) if want is not None and v.is_floating_point() and v.dtype != want else v
+    return out
+
+
+def _assign(net: nn.Module, state: dict[str, torch.Tensor], what: str, allow_missing: set[str] = frozenset()) -> None:
+    """Load ``state`` into a meta-device network by assignment; any missing or extra key is an error."""
+    expected = set(net.state_dict().keys())
+    missing = sorted(expected - set(state) - allow_missing)
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        raise Blip2Error(f"{what}: {'; '.join(parts)}")
+    net.load_state_dict(state, strict=False, assign=True)
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:5]) + (f" (and {len(keys) - 5} more)" if len(keys) > 5 else "")
+
+
+def _materialise(net: nn.Module, cfg: Blip2Config) -> None:
+    """Fill what a checkpoint may omit (defaults, non-persistent buffers) and re-tie weights."""
+    for name, p in list(net.named_parameters()):
+        if p.is_meta and name == "temp":
+            net.temp = nn.Parameter(torch.tensor(0.07))
+    for module in net.modules():
+        for bname, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None and buf.is_meta:
+                # timm's zero k-bias (non-persistent) and other derived buffers.
+                module.register_buffer(bname, torch.zeros(buf.shape, dtype=buf.dtype),
+                                       persistent=bname not in module._non_persistent_buffers_set)
+    net.qformer.tie_weights()
+    leftovers = [n for n, t in list(net.named_parameters()) + list(net.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise Blip2Error(f"weights missing after loading: {_few(leftovers)}")
+
+
+def _set_k_bias(net: nn.Module, k_biases: dict[str, torch.Tensor]) -> None:
+    for key, value in k_biases.items():
+        module = net.get_submodule(key.rsplit(".", 1)[0])
+        module.k_bias = value.to(module.q_bias.dtype)
+
+
+def build(cfg: Blip2Config, state: dict[str, torch.Tensor], lm_state: dict[str, torch.Tensor] | None,
+          what: str, dtype: torch.dtype | None = None, allow_missing: set[str] = frozenset()) -> nn.Module:
+    """A network from our-named tensors (``state``) and, for image-to-text, the LLM's own tensors."""
+    state = keymaps.split_qkv_bias(state)
+    k_biases = {k: state.pop(k) for k in [k for k in state if k.endswith("attn.k_bias")]}
+    if cfg.text is not None:
+        if lm_state is None:
+            raise Blip2Error(f"{what}: no language-model weights")
+        try:
+            lm = build_language_model(cfg.text, lm_state, dtype=dtype)
+        except Blip2Error:
+            raise
+        except Exception as e:  # transformers reports shape mismatches its own way
+            raise Blip2Error(f"{what}: the language-model weights do not fit its config ({_first_line(e)})") from None
+        with torch.device("meta"):
+            net = Blip2ImageToText(cfg, language_model=lm)  # lm keeps its real tensors
+        state = {k: v for k, v in state.items() if not k.startswith("language_model.")}
+        expected_lm = {f"language_model.model.{k}" for k in lm.state_dict()}
+        allow_missing = set(allow_missing) | expected_lm
+    else:
+        with torch.device("meta"):
+            net = Blip2Stage1(cfg)
+    _assign(net, _cast(state, dtype), what, allow_missing)
+    _materialise(net, cfg)
+    _set_k_bias(net, k_biases)
+    return net.eval()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def _tokenizer(path: Path, padding_side: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if padding_side:
+        tok.padding_side = padding_side
+    return tok
+
+
+def _llm_padding_side(cfg: Blip2Config) -> str:
+    is_enc_dec = bool(cfg.text and cfg.text.get("is_encoder_decoder"))
+    return "right" if is_enc_dec else "left"
+
+
+# --------------------------------------------------------------------------- transformers directories
+
+
+def load_hf_dir(path: Path, dtype: torch.dtype | None = None, generation: str | None = None) -> Checkpoint:
+    """A transformers ``Blip2ForConditionalGeneration`` / ``Blip2ForImageTextRetrieval`` directory."""
+    from transformers import Blip2Config as HFConfig
+
+    try:
+        hf = HFConfig.from_pretrained(path)
+    except Exception as e:
+        raise Blip2Error(f"{path}: not a BLIP-2 checkpoint directory ({_first_line(e)})") from None
+    cfg = config_from_hf(hf)
+    raw = read_safetensors_dir(path)
+    lm_state = {k[len("language_model."):]: raw.pop(k) for k in [k for k in raw if k.startswith("language_model.")]}
+    state, unknown = keymaps.translate(raw, keymaps.HF_KEYS.to_ours,
+                                       skip=("embeddings.position_ids", "qformer.embeddings.position_ids"))
+    if unknown:
+        raise Blip2Error(f"{path}: unexpected keys {_few(sorted(unknown))}")
+    net = build(cfg, state, lm_state if cfg.text is not None else None, str(path), dtype,
+                allow_missing={"temp"})
+    tok = _tokenizer(path, _llm_padding_side(cfg)) if cfg.text is not None else None
+    qtok = _tokenizer(path) if cfg.text is None else None
+    return Checkpoint(net, cfg, tok, qtok, generation if cfg.text is not None else None, str(path))
+
+
+# --------------------------------------------------------------------------- our own format
+
+
+def _is_ours(path: Path) -> bool:
+    return (path / FORMAT_FILE).exists()
+
+
+def _run_latest(path: Path) -> Path | None:
+    latest = path / "latest"
+    if latest.is_symlink() or latest.is_dir():
+        return latest.resolve()
+    if latest.is_file():
+        return path / latest.read_text().strip()
+    return None
+
+
+def load_ours(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / FORMAT_FILE).read_text())
+    cfg = Blip2Config.from_dict(meta["config"])
+    state = load_file(path / WEIGHTS_FILE)
+    lm_state = None
+    if cfg.text is not None:
+        prefix = "language_model.model."
+        lm_state = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+    net = build(cfg, state, lm_state, str(path), dtype)
+    tok = _tokenizer(path / "tokenizer", _llm_padding_side(cfg)) if (path / "tokenizer").exists() else None
+    qtok = _tokenizer(path / "qformer_tokenizer") if (path / "qformer_tokenizer").exists() else None
+    return Checkpoint(net, cfg, tok, qtok, meta.get("generation"), str(path))
+
+
+def _atomic_dir(out: Path):
+    """A temporary sibling directory that replaces ``out`` in one rename once filled."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _commit_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _full_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The network's tensors with timm's (non-persistent) k-biases and without tied duplicates."""
+    state = {k: v for k, v in net.state_dict().items() if k != "qformer.lm_head.decoder.weight"}
+    for name, module in net.named_modules():
+        if getattr(module, "k_bias", None) is not None and name.startswith("vision."):
+            state[f"{name}.k_bias"] = module.k_bias
+    return state
+
+
+def save(ckpt: Checkpoint, out: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``ckpt`` in our format (config, safetensors, tokenizers), atomically."""
+    from safetensors.torch import save_file
+
+    tmp = _atomic_dir(out)
+    try:
+        state = {k: v.detach().contiguous() for k, v in _full_state(ckpt.net).items()}
+        state = _untie_for_saving(state)
+        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        meta = {"format": "blip2", "version": 1, "config": ckpt.config.to_dict(), "generation": ckpt.generation,
+                **(extra or {})}
+        (tmp / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
+        if ckpt.tokenizer is not None:
+            ckpt.tokenizer.save_pretrained(tmp / "tokenizer")
+        if ckpt.qformer_tokenizer is not None:
+            ckpt.qformer_tokenizer.save_pretrained(tmp / "qformer_tokenizer")
+        _commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _untie_for_saving(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: keep one copy of each tied tensor, drop the aliases."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.device.type != "meta" else (k,)
+        if key in seen:
+            continue
+        seen[key] = k
+        out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------- export to transformers
+
+
+def export_hf(ckpt: Checkpoint, out: Path) -> Path:
+    """Write a directory ``transformers`` loads as ``Blip2ForConditionalGeneration`` or ``Blip2ForImageTextRetrieval``."""
+    from safetensors.torch import save_file
+
+    cfg = ckpt.config
+    if cfg.text is not None and cfg.image_token_id is None:
+        raise Blip2Error("this model has no <image> token id; export it after adding one to its tokenizer")
+    hf = config_to_hf(cfg)
+    ours = keymaps.fuse_qkv_bias(_full_state(ckpt.net))
+    state: dict[str, torch.Tensor] = {}
+    for key, value in ours.items():
+        if key == "temp" or key.startswith("qformer.lm_head."):
+            continue  # transformers' classes have no temperature and no Q-Former LM head
+        new = keymaps.HF_KEYS.to_theirs(key)
+        if new is None:
+            raise Blip2Error(f"cannot export {key}: no transformers counterpart")
+        state[new] = value.detach().contiguous()
+    state = _untie_for_saving(state)
+    tmp = _atomic_dir(out)
+    try:
+        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        hf.save_pretrained(tmp)
+        tok = ckpt.tokenizer if cfg.text is not None else ckpt.qformer_tokenizer
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        _write_preprocessor(tmp, cfg.vision.image_size)
+        _commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_preprocessor(path: Path, size: int) -> None:
+    from .vision import CLIP_MEAN, CLIP_STD
+
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "BlipImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+        "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True,
+    }, indent=2))

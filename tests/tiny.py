@@ -1,0 +1,159 @@
+"""Tiny random BLIP-2 checkpoints, tokenizers and images, built offline for the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+CORPUS = [
+    "a photo of a red circle on a table",
+    "a green square next to a blue triangle",
+    "question: what is on the table? short answer: a cat",
+    "two dogs are playing in the park with a ball",
+    "the man is riding a horse on the beach at sunset",
+    "a yellow car parked in front of a house\n",
+    "what colour is the sky? it is blue.\n",
+] * 20
+
+IMAGE_SIZE = 32
+NUM_QUERIES = 4
+
+
+def _bpe(specials: list[str], vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def opt_tokenizer():
+    """GPT-2 style byte-level BPE as OPT uses it: ``</s>`` (2) prepended as BOS, pad 1."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _bpe(["<s>", "<pad>", "</s>", "<unk>"])
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return fast
+
+
+def t5_tokenizer():
+    """T5 style: ``</s>`` (1) appended, pad 0, no BOS."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _bpe(["<pad>", "</s>", "<unk>"])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return fast
+
+
+def bert_tokenizer():
+    """BERT uncased style WordPiece with [DEC] added as BOS, as BLIP-2's Q-Former tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(
+        vocab_size=90, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    fast.add_special_tokens({"bos_token": "[DEC]"})
+    return fast
+
+
+def _vision_and_qformer(qformer_vocab: int, text_input: bool) -> dict:
+    return dict(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=IMAGE_SIZE, patch_size=8),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            cross_attention_frequency=2, vocab_size=qformer_vocab,
+                            use_qformer_text_input=text_input, max_position_embeddings=64),
+        num_query_tokens=NUM_QUERIES,
+    )
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Give every tensor non-trivial values (the HF init leaves zeros and ones that hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def make_hf_opt(path: Path, seed: int = 0) -> Path:
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
+
+    tok = opt_tokenizer()
+    nl = tok.convert_tokens_to_ids("Ċ")
+    text = OPTConfig(vocab_size=512, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128, bos_token_id=2, eos_token_id=nl,
+                     pad_token_id=1)
+    cfg = Blip2Config(**_vision_and_qformer(64, False), text_config=text.to_dict(),
+                      image_token_index=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(cfg).eval()
+    _randomise(model, seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_hf_t5(path: Path, seed: int = 1) -> Path:
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, T5Config
+
+    tok = t5_tokenizer()
+    text = T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                    num_heads=4, feed_forward_proj="gated-gelu", dense_act_fn="gelu", decoder_start_token_id=0,
+                    pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
+    cfg = Blip2Config(**_vision_and_qformer(64, False), text_config=text.to_dict(),
+                      image_token_index=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(cfg).eval()
+    _randomise(model, seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_hf_itm(path: Path, seed: int = 2) -> Path:
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    tok = bert_tokenizer()
+    cfg = Blip2Config(**_vision_and_qformer(len(tok), True), image_text_hidden_size=16)
+    torch.manual_seed(seed)
+    model = Blip2ForImageTextRetrieval(cfg).eval()
+    _randomise(model, seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def draw_image(i: int, size: int = 48) -> Image.Image:
+    """A small picture that differs with ``i``: a coloured shape on a coloured background."""
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+    im = Image.new("RGB", (size + 7 * (i % 3), size), colours[(i + 3) % len(colours)])
+    d = ImageDraw.Draw(im)
+    box = (4 + i % 5, 6, size - 6, size - 4 - i % 4)
+    [d.ellipse, d.rectangle, d.polygon][i % 3](box if i % 3 < 2 else [(box[0], box[3]), (box[2], box[3]),
+                                                                       ((box[0] + box[2]) // 2, box[1])],
+                                               fill=colours[i % len(colours)])
+    return im
