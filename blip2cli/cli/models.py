@@ -1,0 +1,51 @@
+"""``blip2 models`` (what names exist and where they come from) and ``blip2 convert``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import Blip2Error
+
+
+def list_models(
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """List the model names blip2 knows, with where each one's weights come from."""
+    from ..models.registry import ENTRIES
+
+    if json_out:
+        for e in ENTRIES:
+            sys.stdout.write(json.dumps({"name": e.name, "kind": e.kind, "source": e.source,
+                                         "description": e.description}) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "kind", "source", "description", box=None)
+    for e in ENTRIES:
+        table.add_row(e.name, e.kind, e.source, e.description)
+    Console().print(table)
+
+
+def convert(
+    model: Annotated[str, typer.Argument(help="Any model blip2 loads (name, hub id, directory, LAVIS .pth).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (replaced atomically).")],
+    to: Annotated[str, typer.Option(help="hf: a transformers BLIP-2 directory; blip2: our own format.")] = "hf",
+    llm: Annotated[Optional[str], typer.Option(help="The LLM of a LAVIS stage-2 .pth.")] = None,
+) -> None:
+    """Convert a model to a transformers BLIP-2 directory or to blip2's own format."""
+    from ..api import quiet_transformers
+    from ..models import checkpoints
+    from ..models.hub import load_checkpoint
+
+    if to not in ("hf", "blip2"):
+        raise Blip2Error(f"--to {to!r}: expected hf or blip2")
+    quiet_transformers()
+    ckpt = load_checkpoint(model, llm=llm)
+    (checkpoints.export_hf if to == "hf" else checkpoints.save)(ckpt, out)
+    print(f"wrote {out}", file=sys.stderr)

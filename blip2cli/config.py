@@ -1,0 +1,107 @@
+"""Recipes: YAML files read into typed dataclasses, with strict keys and ``--set a.b=c`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import Blip2Error
+
+T = TypeVar("T")
+
+
+def recipes_root() -> Path:
+    """The packaged recipes directory."""
+    return Path(str(resources.files("blip2cli") / "recipes"))
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe by short name (``generate/caption``) or by file path."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = recipes_root() / f"{name}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(str(p.relative_to(recipes_root()).with_suffix("")) for p in recipes_root().rglob("*.yaml"))
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise Blip2Error(f"no recipe {name!r}{hint}")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise Blip2Error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise Blip2Error(f"{path}: a recipe must be a mapping of keys to values")
+    return data
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except Blip2Error as e:
+                errors.append(e)
+        raise errors[0]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise Blip2Error(f"{where}: expected {hint.__name__}, got {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise Blip2Error(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(hint, value, where)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "recipe") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are one-line errors."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise Blip2Error(f"{where}: unknown key {key!r}{hint}")
+        kwargs[key] = _check_type(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` strings (values parsed as YAML scalars) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise Blip2Error(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise Blip2Error(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_recipe(cls: type[T], name: str, overrides: list[str] = ()) -> T:
+    path = recipe_path(name)
+    return from_dict(cls, apply_overrides(read_yaml(path), list(overrides)), where=str(name))

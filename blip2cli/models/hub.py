@@ -1,0 +1,107 @@
+"""Resolve what a user names (path, registry name, hub id) to a loaded checkpoint, honouring offline mode."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import Blip2Error
+from . import checkpoints, registry
+
+HF_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or \
+        os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A local snapshot of a hub repository: the cache when it has one, a download otherwise."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HF_PATTERNS, local_files_only=offline()))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        how = f"run `huggingface-cli download {repo_id}` on a machine with network (or copy the cache)"
+        if offline():
+            raise Blip2Error(f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {how}") from None
+        raise Blip2Error(f"{repo_id} could not be downloaded and is not cached; {how}") from None
+    except RepositoryNotFoundError:
+        raise Blip2Error(f"{repo_id}: no such repository on the Hugging Face hub") from None
+    except HfHubHTTPError as e:
+        raise Blip2Error(f"{repo_id}: hub error ({str(e).splitlines()[0]})") from None
+    except OSError as e:  # network unreachable and similar
+        raise Blip2Error(f"{repo_id}: could not reach the hub and it is not cached ({e.__class__.__name__})") from None
+
+
+def download_url(url: str) -> Path:
+    """A file from a URL, cached under ``$BLIP2_CACHE`` (default ``~/.cache/blip2``)."""
+    root = Path(os.environ.get("BLIP2_CACHE", Path.home() / ".cache" / "blip2"))
+    target = root / url.rsplit("/", 1)[-1]
+    if target.exists():
+        return target
+    if offline():
+        raise Blip2Error(f"{target.name} is not cached in {root} and HF_HUB_OFFLINE is set; download {url} there")
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(target), progress=True)
+    except Exception as e:
+        raise Blip2Error(f"could not download {url} ({e.__class__.__name__}); put the file at {target}") from None
+    return target
+
+
+def local_dir_for(name: str) -> Path:
+    """A directory for a local path, a registry ``hf:`` entry or a hub id."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    entry = registry.lookup(name)
+    if entry is not None and entry.source.startswith("hf:"):
+        return hub_snapshot(entry.where)
+    if _HUB_ID.match(name):
+        return hub_snapshot(name)
+    raise registry.unknown_name(name)
+
+
+def load_checkpoint(name: str, llm: str | None = None, dtype: torch.dtype | None = None) -> checkpoints.Checkpoint:
+    """Load what ``name`` designates, in the documented resolution order."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return _load_path(path, llm, dtype)
+    entry = registry.lookup(name)
+    if entry is not None:
+        if entry.kind != "blip2":
+            raise Blip2Error(f"{name} is a {'vision tower' if entry.kind == 'tower' else 'language model'}, "
+                             "not a BLIP-2 model; `blip2 models` lists the BLIP-2 ones")
+        if entry.source.startswith("lavis:"):
+            from .lavis import load_lavis
+
+            return load_lavis(download_url(entry.where), llm=llm or entry.llm, vision=entry.vision, dtype=dtype,
+                              generation=entry.generation, image_size=entry.image_size)
+        return checkpoints.load_hf_dir(hub_snapshot(entry.where), dtype, generation=entry.generation)
+    if _HUB_ID.match(name):
+        return checkpoints.load_hf_dir(hub_snapshot(name), dtype, generation="caption")
+    raise registry.unknown_name(name)
+
+
+def _load_path(path: Path, llm: str | None, dtype: torch.dtype | None) -> checkpoints.Checkpoint:
+    if path.is_dir():
+        if checkpoints._is_ours(path):
+            return checkpoints.load_ours(path, dtype)
+        latest = checkpoints._run_latest(path)
+        if latest is not None and checkpoints._is_ours(latest):
+            return checkpoints.load_ours(latest, dtype)
+        if (path / "config.json").exists():
+            return checkpoints.load_hf_dir(path, dtype, generation="caption")
+        raise Blip2Error(f"{path}: not a model directory (no {checkpoints.FORMAT_FILE}, latest or config.json)")
+    if path.suffix in (".pth", ".pt", ".bin"):
+        from .lavis import load_lavis
+
+        return load_lavis(path, llm=llm, dtype=dtype)
+    raise Blip2Error(f"{path}: not a model (expected a directory or a LAVIS .pth file)")
