@@ -100,6 +100,15 @@ def open_image(image: ImageLike):
         raise Blip2Error(f"{path}: corrupt or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
+def check_image(path: ImageLike) -> None:
+    """Fail early, before a model loads, on a file Pillow cannot decode."""
+    from PIL import Image
+
+    if isinstance(path, Image.Image):
+        return
+    open_image(path).close()
+
+
 def _batches(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))

@@ -67,11 +67,13 @@ def generate(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout, nothing else.")] = False,
 ) -> None:
     """Caption images, or answer a prompt about them, with a BLIP-2 model."""
-    from ..api import load
+    from ..api import check_image, load
     from .progress import progress
 
     image_args, prompt = split_arguments(args)
     images = expand_images(image_args)
+    for image in images:
+        check_image(image)
     blip = load(model, device=device, dtype=dtype, llm=llm)
     settings = dict(num_beams=num_beams if num_beams is not None else (1 if sample else None),
                     max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty,

@@ -28,7 +28,7 @@ def hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HF_PATTERNS, local_files_only=offline()))
     except (LocalEntryNotFoundError, FileNotFoundError):
-        how = f"run `huggingface-cli download {repo_id}` on a machine with network (or copy the cache)"
+        how = f"run `hf download {repo_id}` on a machine with network (or copy its cache here)"
         if offline():
             raise Blip2Error(f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {how}") from None
         raise Blip2Error(f"{repo_id} could not be downloaded and is not cached; {how}") from None

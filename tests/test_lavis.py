@@ -1,0 +1,112 @@
+"""LAVIS ``.pth`` files: the tiny transformers weights written back to LAVIS's layout load and agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import blip2cli
+from blip2cli.api import Blip2
+from blip2cli.errors import Blip2Error
+from blip2cli.models import keymaps
+from blip2cli.models.lavis import load_lavis
+from blip2cli.models.vision import VisionConfig
+
+from .test_parity import PROMPTS, TEXTS, hf_inputs
+from .tiny import IMAGE_SIZE, NUM_QUERIES
+
+TINY_VIT = VisionConfig(kind="eva", image_size=IMAGE_SIZE, patch_size=8, width=32, layers=2, heads=4, mlp_dim=64)
+
+
+def write_lavis(blip: Blip2, path, llm_kind: str | None) -> None:
+    """Our tensors under LAVIS's names: the inverse of the documented mapping."""
+    net = blip.net
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("language_model.")}
+    vision = {k: v for k, v in keymaps.split_qkv_bias(state).items() if k.startswith("vision.")}
+    vision = {k: v for k, v in vision.items() if not k.endswith("k_bias")}
+    # LAVIS stores separate q/v biases; the qkv weight carries no bias
+    state = {k: v for k, v in state.items() if not k.startswith("vision.")} | vision
+    km = keymaps.lavis_keys(llm_kind)
+    out = {}
+    for k, v in state.items():
+        if k == "qformer.lm_head.decoder.weight":
+            continue
+        new = km.to_theirs(k)
+        assert new is not None, k
+        out[new] = v.clone()
+    if "qformer.embeddings.word.weight" in state:
+        out["Qformer.bert.embeddings.position_ids"] = torch.arange(64).unsqueeze(0)
+    torch.save({"model": out, "epoch": 3}, path)
+
+
+def llm_dir(blip: Blip2, path):
+    """The tiny LM on its own, as a transformers directory (what --llm names)."""
+    blip.net.language_model.model.save_pretrained(path)
+    blip.checkpoint.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_lavis_stage2_file_matches_transformers(kind, hf_opt, hf_t5, image_files, tmp_path):
+    from transformers import Blip2ForConditionalGeneration
+
+    hf_dir = hf_opt if kind == "opt" else hf_t5
+    blip = blip2cli.load(str(hf_dir), device="cpu", dtype="float32")
+    pth = tmp_path / "blip2_tiny.pth"
+    write_lavis(blip, pth, kind)
+    lm = llm_dir(blip, tmp_path / "llm")
+    ckpt = load_lavis(pth, llm=str(lm), vision=TINY_VIT, qformer_heads=4)
+    ours = Blip2(ckpt, torch.device("cpu"), torch.float32)
+
+    ref = Blip2ForConditionalGeneration.from_pretrained(hf_dir).eval()
+    ref.vision_model.post_layernorm.eps = 1e-5  # LAVIS's ln_vision is a default nn.LayerNorm
+    inputs = hf_inputs(hf_dir, blip, image_files[:4], PROMPTS)
+    extra = {"decoder_input_ids": torch.tensor([[0, 5, 6]] * 4)} if kind == "t5" else {}
+    with torch.no_grad():
+        expected = ref(**inputs, **extra).logits
+        got = ours.net(inputs["pixel_values"], inputs["input_ids"][:, NUM_QUERIES:],
+                       inputs["attention_mask"][:, NUM_QUERIES:], **extra).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    ours.net.ln_vision.eps = 1e-6  # now the very weights of the transformers checkpoint: same search
+    kw = dict(num_beams=5, max_new_tokens=6)
+    assert ours.generate(image_files[:4], PROMPTS, **kw) == blip.generate(image_files[:4], PROMPTS, **kw)
+
+
+def test_lavis_stage1_file_matches_transformers_itm(hf_itm, image_files, tmp_path):
+    blip = blip2cli.load(str(hf_itm), device="cpu", dtype="float32")
+    pth = tmp_path / "blip2_pretrained_tiny.pth"
+    write_lavis(blip, pth, None)
+    raw = torch.load(pth, weights_only=True)
+    raw["model"]["temp"] = torch.tensor(0.05)
+    torch.save(raw, pth)
+    ckpt = load_lavis(pth, vision=TINY_VIT, qformer_heads=4, qformer_tokenizer=str(hf_itm))
+    ours = Blip2(ckpt, torch.device("cpu"), torch.float32)
+    assert ours.net.temp.item() == pytest.approx(0.05)
+    ours.net.ln_vision.eps = 1e-6  # compare with the transformers checkpoint's LayerNorm
+    torch.testing.assert_close(ours.itm(image_files[:4], TEXTS), blip.itm(image_files[:4], TEXTS), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.itc(image_files[:3], TEXTS), blip.itc(image_files[:3], TEXTS), atol=1e-5, rtol=0)
+
+
+def test_stage2_file_without_llm_is_refused(hf_opt, tmp_path):
+    blip = blip2cli.load(str(hf_opt), device="cpu", dtype="float32")
+    pth = tmp_path / "s2.pth"
+    write_lavis(blip, pth, "opt")
+    with pytest.raises(Blip2Error, match="--llm"):
+        load_lavis(pth, vision=TINY_VIT)
+
+
+def test_unexpected_and_missing_keys_are_named(hf_opt, tmp_path):
+    blip = blip2cli.load(str(hf_opt), device="cpu", dtype="float32")
+    lm = llm_dir(blip, tmp_path / "llm")
+    pth = tmp_path / "s2.pth"
+    write_lavis(blip, pth, "opt")
+    raw = torch.load(pth, weights_only=True)["model"]
+    raw["Qformer.bert.encoder.layer.0.surprise.weight"] = torch.zeros(2)
+    torch.save(raw, tmp_path / "extra.pth")
+    with pytest.raises(Blip2Error, match="unexpected keys Qformer.bert.encoder.layer.0.surprise.weight"):
+        load_lavis(tmp_path / "extra.pth", llm=str(lm), vision=TINY_VIT, qformer_heads=4)
+    del raw["Qformer.bert.encoder.layer.0.surprise.weight"]
+    del raw["Qformer.bert.encoder.layer.1.output_query.dense.bias"]
+    torch.save(raw, tmp_path / "missing.pth")
+    with pytest.raises(Blip2Error, match="missing keys qformer.layers.1.query_ffn.fc2.bias"):
+        load_lavis(tmp_path / "missing.pth", llm=str(lm), vision=TINY_VIT, qformer_heads=4)
