@@ -43,7 +43,7 @@ def test_pruned_eva_equals_timm_penultimate_tokens():
     with torch.no_grad():
         got = tower(x)
     assert got.shape == (2, 17, 32)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_pruned_clip_equals_open_clip_penultimate_tokens():
@@ -63,7 +63,7 @@ def test_pruned_clip_equals_open_clip_penultimate_tokens():
     expected = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
     with torch.no_grad():
         got = tower(x)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_full_size_towers_match_library_counts():
