@@ -110,3 +110,21 @@ def test_unexpected_and_missing_keys_are_named(hf_opt, tmp_path):
     torch.save(raw, tmp_path / "missing.pth")
     with pytest.raises(Blip2Error, match="missing keys qformer.layers.1.query_ffn.fc2.bias"):
         load_lavis(tmp_path / "missing.pth", llm=str(lm), vision=TINY_VIT, qformer_heads=4)
+
+
+def test_lavis_file_exports_to_transformers(hf_opt, image_files, tmp_path):
+    from transformers import Blip2ForConditionalGeneration
+
+    from blip2cli.models.checkpoints import export_hf
+
+    blip = blip2cli.load(str(hf_opt), device="cpu", dtype="float32")
+    pth = tmp_path / "s2.pth"
+    write_lavis(blip, pth, "opt")
+    ckpt = load_lavis(pth, llm=str(llm_dir(blip, tmp_path / "llm")), vision=TINY_VIT, qformer_heads=4)
+    assert ckpt.config.image_token_id is None  # LAVIS has no <image> token; export supplies one
+    exported = Blip2ForConditionalGeneration.from_pretrained(export_hf(ckpt, tmp_path / "hf")).eval()
+    ref = Blip2ForConditionalGeneration.from_pretrained(hf_opt).eval()
+    assert exported.config.image_token_id == ref.config.image_token_id
+    inputs = hf_inputs(hf_opt, blip, image_files[:3], PROMPTS[:3])
+    with torch.no_grad():  # (LAVIS has no k-bias; a key bias shifts every score equally, so only rounding moves)
+        torch.testing.assert_close(exported(**inputs).logits, ref(**inputs).logits, atol=1e-5, rtol=0)

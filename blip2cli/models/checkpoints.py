@@ -179,8 +179,6 @@ def build(cfg: Blip2Config, state: dict[str, torch.Tensor], lm_state: dict[str, 
             raise Blip2Error(f"{what}: no language-model weights")
         try:
             lm = build_language_model(cfg.text, lm_state, dtype=dtype)
-        except Blip2Error:
-            raise
         except Exception as e:  # transformers reports shape mismatches its own way
             raise Blip2Error(f"{what}: the language-model weights do not fit its config ({_first_line(e)})") from None
         with torch.device("meta"):
@@ -344,9 +342,9 @@ def export_hf(ckpt: Checkpoint, out: Path) -> Path:
     """Write a directory ``transformers`` loads as ``Blip2ForConditionalGeneration`` or ``Blip2ForImageTextRetrieval``."""
     from safetensors.torch import save_file
 
-    cfg = ckpt.config
+    cfg, tok = ckpt.config, ckpt.tokenizer if ckpt.config.text is not None else ckpt.qformer_tokenizer
     if cfg.text is not None and cfg.image_token_id is None:
-        raise Blip2Error("this model has no <image> token id; export it after adding one to its tokenizer")
+        cfg, tok = _with_image_token(cfg, tok)
     hf = config_to_hf(cfg)
     ours = keymaps.fuse_qkv_bias(_full_state(ckpt.net))
     state: dict[str, torch.Tensor] = {}
@@ -362,7 +360,6 @@ def export_hf(ckpt: Checkpoint, out: Path) -> Path:
     try:
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         hf.save_pretrained(tmp)
-        tok = ckpt.tokenizer if cfg.text is not None else ckpt.qformer_tokenizer
         if tok is not None:
             tok.save_pretrained(tmp)
         _write_preprocessor(tmp, cfg.vision.image_size)
@@ -371,6 +368,20 @@ def export_hf(ckpt: Checkpoint, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _with_image_token(cfg: Blip2Config, tokenizer):
+    """transformers places the soft prompts at ``<image>`` ids: give the tokenizer one (LAVIS files lack it)."""
+    import copy
+    from dataclasses import replace
+
+    tok = copy.deepcopy(tokenizer)
+    if "<image>" not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    if image_id >= cfg.text["vocab_size"]:
+        raise Blip2Error(f"the LLM's vocabulary ({cfg.text['vocab_size']}) has no room for an <image> token")
+    return replace(cfg, image_token_id=image_id), tok
 
 
 def _write_preprocessor(path: Path, size: int) -> None:
