@@ -14,13 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _memory import peak_rss_mib  # noqa: E402
 
 PROMPTS = ["", "a photo of", "Question: what is on the table? Short answer:", "two dogs",
            "the man is", "Question: what colour is the car? Answer:", "a picture of", "this is"]
@@ -105,7 +107,7 @@ def run_side(side: str, path: str, device: str, dtype: str, batch: int, repeats:
     elapsed = time.perf_counter() - start
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if blip.device.type == "cuda" else None
     queue.put(dict(side=side, images_per_s=batch * repeats / elapsed, texts=texts,
-                   peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak_gpu_mib=peak_gpu))
+                   peak_rss_mib=peak_rss_mib(), peak_gpu_mib=peak_gpu))
 
 
 def main() -> None:

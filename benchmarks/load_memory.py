@@ -14,20 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+from _memory import peak_rss_mib, rss_mib  # noqa: E402
 
 
 def write_checkpoint(path: Path, mid: bool, dtype: str) -> float:
@@ -57,11 +51,17 @@ def write_checkpoint(path: Path, mid: bool, dtype: str) -> float:
 
 
 def load_side(side: str, path: str, dtype: str, queue) -> None:
+    import open_clip  # noqa: F401  (imports are not loading: both sides pay them before the baseline)
+    import timm  # noqa: F401
     import torch  # noqa: F401
+    import torchvision  # noqa: F401
     import transformers  # noqa: F401
+    from transformers import Blip2ForConditionalGeneration  # noqa: F401
 
     import blip2cli
     from blip2cli.api import quiet_transformers
+
+    import blip2cli.models.hub  # noqa: F401
 
     quiet_transformers()
     base = rss_mib()
@@ -71,7 +71,7 @@ def load_side(side: str, path: str, dtype: str, queue) -> None:
         model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
     else:
         model = blip2cli.load(path, device="cpu", dtype=dtype)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     queue.put(dict(side=side, peak_above_baseline_mib=peak - base, resident_after_mib=rss_mib() - base,
                    base=base, peak=peak))
     del model
