@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import Blip2Error
-from . import keymaps, registry
+from . import keymaps
 from .blip2 import Blip2Config, Blip2ImageToText, Blip2Stage1
 from .llm import build_language_model
 from .qformer import QFormerConfig
@@ -223,6 +223,7 @@ def load_hf_dir(path: Path, dtype: torch.dtype | None = None, generation: str | 
     """A transformers ``Blip2ForConditionalGeneration`` / ``Blip2ForImageTextRetrieval`` directory."""
     from transformers import Blip2Config as HFConfig
 
+    path = Path(path)
     try:
         hf = HFConfig.from_pretrained(path)
     except Exception as e:
@@ -260,6 +261,7 @@ def _run_latest(path: Path) -> Path | None:
 def load_ours(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     from safetensors.torch import load_file
 
+    path = Path(path)
     meta = json.loads((path / FORMAT_FILE).read_text())
     cfg = Blip2Config.from_dict(meta["config"])
     state = load_file(path / WEIGHTS_FILE)
