@@ -61,6 +61,7 @@ def _worker(rank: int, world: int, which: str, hf_dir: str, out_dir: str) -> Non
         v /= world
     if rank == 0:
         torch.save({"losses": losses, "grads": grads}, os.path.join(out_dir, "dist.pt"))
+    dist.barrier()  # neither rank tears the group down while the other still talks to it
     dist.destroy_process_group()
 
 
@@ -80,5 +81,5 @@ def test_two_ranks_equal_one_process(which, tmp_path, hf_opt, hf_t5):
     for k in losses:
         torch.testing.assert_close(got["losses"][k], losses[k], atol=1e-5, rtol=1e-5, msg=k)
     assert set(got["grads"]) == set(grads)
-    for name, g in grads.items():
-        torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    for name, g in grads.items():  # relative to the gradient's size: magnitudes vary widely between tensors
+        assert (got["grads"][name] - g).norm() <= 1e-5 * g.norm() + 1e-7, name

@@ -242,7 +242,8 @@ class QFormer(nn.Module):
     def __init__(self, cfg: QFormerConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.hidden_size))
+        # N(0, 0.02) as LAVIS (transformers starts from zeros, which a LayerNorm turns into huge gradients)
+        self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, cfg.hidden_size) * 0.02)
         self.embeddings = TextEmbeddings(cfg) if cfg.has_text else None
         self.embed_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.embed_dropout = nn.Dropout(cfg.dropout)
