@@ -59,7 +59,7 @@ def test_bidirectional_lets_text_reach_queries(qformer):
     b = qformer(image=image, input_ids=ids.flip(1), mode="bidirectional").query_states
     c = qformer(image=image, input_ids=ids, mode="causal").query_states
     assert (a - b).abs().max() > 1e-4  # queries see the text
-    torch.testing.assert_close(c, qformer(image=image).query_states, atol=1e-6, rtol=0)  # ITG: they do not
+    torch.testing.assert_close(c, qformer(image=image).query_states, atol=1e-5, rtol=0)  # ITG: they do not
 
 
 def test_cached_queries_and_incremental_decoding_equal_the_full_causal_pass(qformer):
