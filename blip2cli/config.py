@@ -61,6 +61,17 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
             except Blip2Error as e:
                 errors.append(e)
         raise errors[0]
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise Blip2Error(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise Blip2Error(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if hint is Any:
+        return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
@@ -105,3 +116,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_recipe(cls: type[T], name: str, overrides: list[str] = ()) -> T:
     path = recipe_path(name)
     return from_dict(cls, apply_overrides(read_yaml(path), list(overrides)), where=str(name))
+
+
+def to_dict(obj: Any) -> Any:
+    """A recipe dataclass as plain data (for recipe.yaml in run directories)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

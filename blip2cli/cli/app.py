@@ -8,7 +8,7 @@ import sys
 import typer
 
 from ..errors import Blip2Error
-from . import generate, models
+from . import generate, models, pretrain
 
 app = typer.Typer(
     name="blip2",
@@ -20,6 +20,7 @@ app = typer.Typer(
 app.command("generate", no_args_is_help=True)(generate.generate)
 app.command("models")(models.list_models)
 app.command("convert", no_args_is_help=True)(models.convert)
+app.add_typer(pretrain.app, name="pretrain")
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -130,7 +130,8 @@ def _cast(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[
 def _assign(net: nn.Module, state: dict[str, torch.Tensor], what: str, allow_missing: set[str] = frozenset()) -> None:
     """Load ``state`` into a meta-device network by assignment; any missing or extra key is an error."""
     expected = set(net.state_dict().keys())
-    missing = sorted(expected - set(state) - allow_missing)
+    tied = {"qformer.lm_head.decoder.weight"}  # the word embeddings, re-tied after loading
+    missing = sorted(expected - set(state) - set(allow_missing) - tied)
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         parts = []
@@ -301,22 +302,30 @@ def _full_state(net: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save(ckpt: Checkpoint, out: Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``ckpt`` in our format (config, safetensors, tokenizers), atomically."""
+def write_model(ckpt: Checkpoint, out: Path, extra: dict[str, Any] | None = None,
+                state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``ckpt`` in our format into the existing directory ``out`` (``state``: weights to use instead
+    of the network's own, e.g. gathered from ZeRO-3 partitions)."""
     from safetensors.torch import save_file
 
+    tensors = _full_state(ckpt.net) if state is None else {
+        k: v for k, v in state.items() if k != "qformer.lm_head.decoder.weight"}
+    tensors = _untie_for_saving({k: v.detach().contiguous() for k, v in tensors.items()})
+    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
+    meta = {"format": "blip2", "version": 1, "config": ckpt.config.to_dict(), "generation": ckpt.generation,
+            **(extra or {})}
+    (out / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
+    if ckpt.tokenizer is not None:
+        ckpt.tokenizer.save_pretrained(out / "tokenizer")
+    if ckpt.qformer_tokenizer is not None:
+        ckpt.qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
+
+
+def save(ckpt: Checkpoint, out: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``ckpt`` in our format (config, safetensors, tokenizers), atomically."""
     tmp = _atomic_dir(out)
     try:
-        state = {k: v.detach().contiguous() for k, v in _full_state(ckpt.net).items()}
-        state = _untie_for_saving(state)
-        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        meta = {"format": "blip2", "version": 1, "config": ckpt.config.to_dict(), "generation": ckpt.generation,
-                **(extra or {})}
-        (tmp / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
-        if ckpt.tokenizer is not None:
-            ckpt.tokenizer.save_pretrained(tmp / "tokenizer")
-        if ckpt.qformer_tokenizer is not None:
-            ckpt.qformer_tokenizer.save_pretrained(tmp / "qformer_tokenizer")
+        write_model(ckpt, tmp, extra)
         _commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -117,8 +117,12 @@ def _resample_pos(pos: torch.Tensor, cfg: VisionConfig, what: str) -> torch.Tens
     return out[0] if squeeze else out
 
 
-def load_llm(name: str, dtype: torch.dtype | None):
-    """A transformers LM directory (registry name, hub id or path): its config dict, tensors and tokenizer."""
+def load_llm(name: str, dtype: torch.dtype | None = None):
+    """A transformers LM (registry name, hub id or directory) set up as BLIP-2 uses it.
+
+    Returns its config dict, tensors and tokenizer. OPT ends captions at a newline (LAVIS's EOS) and
+    Flan-T5 runs with exact GELU (LAVIS's ``dense_act_fn``).
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     from .hub import local_dir_for
@@ -129,6 +133,15 @@ def load_llm(name: str, dtype: torch.dtype | None):
     path = local_dir_for(entry.where if entry is not None else name)
     config = AutoConfig.from_pretrained(path).to_dict()
     tok = AutoTokenizer.from_pretrained(path)
+    if config.get("is_encoder_decoder"):
+        if config.get("model_type") == "t5":
+            config["dense_act_fn"] = "gelu"
+        tok.padding_side = "right"
+    else:
+        newline = tok("\n", add_special_tokens=False).input_ids
+        if newline:
+            config["eos_token_id"] = newline[-1]
+        tok.padding_side = "left"
     return config, checkpoints.read_safetensors_dir(path), tok
 
 
@@ -162,12 +175,6 @@ def load_lavis(path: Path, llm: str | None = None, vision: str | VisionConfig | 
     text, lm_state, tok = None, None, None
     if proj is not None:
         text, lm_state, tok = load_llm(llm, dtype)
-        if proj == "t5_proj":
-            text["dense_act_fn"] = "gelu"  # LAVIS runs Flan-T5 with exact GELU
-        else:
-            newline = tok("\n", add_special_tokens=False).input_ids
-            text["eos_token_id"] = newline[-1]  # LAVIS ends OPT captions at "\n"
-        tok.padding_side = "right" if text.get("is_encoder_decoder") else "left"
     cfg = Blip2Config(vision=vision_cfg, qformer=qformer, text=text, embed_dim=raw["vision_proj.weight"].shape[0]
                       if "vision_proj.weight" in raw else 256, ln_vision_eps=LAVIS_LN_VISION_EPS)
 

@@ -74,10 +74,11 @@ class Stage1Task(nn.Module):
 
         image_ids = batch.get("image_id_tensor")
         positives = losses.positive_mask(b, image_ids, pixels.device)
+        ids_world, mask_world = dist.gather_no_grad(ids), dist.gather_no_grad(mask)
+        positives |= (ids[:, None, :] == ids_world[None, :, :]).all(dim=-1)  # a same-caption pair is no negative
         neg_image = losses.sample_hard_negatives(sim_t2i, positives, losses.row_seeds(s.seed, step, b, 0))
         neg_text = losses.sample_hard_negatives(sim_i2t, positives, losses.row_seeds(s.seed, step, b, 1))
         images_world = dist.gather_with_grad(image_embeds)
-        ids_world, mask_world = dist.gather_no_grad(ids), dist.gather_no_grad(mask)
         itm_images = torch.cat([image_embeds, images_world[neg_image], image_embeds])
         itm_ids = torch.cat([ids, ids, ids_world[neg_text]])
         itm_mask = torch.cat([mask, mask, mask_world[neg_text]])

@@ -1,0 +1,100 @@
+"""Stand-ins for the pretrained parts in the CPU-sized ``tiny`` recipes.
+
+Word-level tokenizers over the synthetic captions' vocabulary (deterministic: no training), and a
+small OPT language model pre-trained on the caption text so that stage 2 has a frozen LLM that knows
+the language, as OPT knows English.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = ["a", "an", "the", "of", "photo", "picture", "red", "green", "blue", "yellow", "circle", "square",
+         "triangle", "question", "what", "colour", "shape", "is", "it", "this", "answer", "short", "?", ":"]
+
+
+def _word_level(specials: list[str], template: str | None, extra: list[str] = ()):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    vocab = {tok: i for i, tok in enumerate(specials + list(extra) + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[-1] if "[UNK]" in specials[-1:] else "<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    if template:
+        specials_in = [s for s in specials if s in template]
+        tok.post_processor = processors.TemplateProcessing(single=template,
+                                                           special_tokens=[(s, vocab[s]) for s in specials_in])
+    return tok
+
+
+def qformer_tokenizer():
+    """BERT-like: [PAD]=0, [CLS] ... [SEP], [DEC] as BOS."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _word_level(["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[UNK]"], "[CLS] $A [SEP]")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                                   mask_token="[MASK]", bos_token="[DEC]", unk_token="[UNK]")
+
+
+def llm_tokenizer():
+    """OPT-like: ``</s>`` (2) prepended as BOS, pad 1, and a newline token that ends captions."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _word_level(["<s>", "<pad>", "</s>", "<unk>"], "</s> $A")
+    tok.add_tokens([AddedToken("\n", normalized=False, special=False)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def _lm_sample(captions: list[str], rng: random.Random) -> tuple[str, str]:
+    """(context, caption): a random-length context of filler words that usually ends by naming the
+    caption's colour and shape, as in "what is it red circle : " before "a red circle".
+
+    The context teaches positions beyond a short caption and, as pretraining teaches a real LLM, to draw
+    on what came before: what stage 2 needs from a frozen LLM reading a visual prompt.
+    """
+    from ..data.synthetic import COLOURS, SHAPES
+
+    filler = [w for w in WORDS if w not in COLOURS + SHAPES]
+    caption = rng.choice(captions)
+    context = [rng.choice(filler) for _ in range(rng.randint(0, 10))]
+    if rng.random() < 0.7:
+        context += caption.split()[1:] + [":"]
+    return " ".join(context), caption + "\n"
+
+
+def pretrain_llm(captions: list[str], out: Path, steps: int = 1000, seed: int = 0) -> Path:
+    """Train a 2-layer OPT to write ``captions`` (ending in a newline) after a context; save it with its
+    tokenizer. The loss covers the caption only."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    tok = llm_tokenizer()
+    newline = tok.convert_tokens_to_ids("\n")
+    config = OPTConfig(vocab_size=len(tok), hidden_size=64, word_embed_proj_dim=64, ffn_dim=128,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, bos_token_id=2,
+                       eos_token_id=newline, pad_token_id=1, dropout=0.0)
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    rng = random.Random(seed)
+    tok.padding_side = "right"
+    for _ in range(steps):
+        samples = [_lm_sample(captions, rng) for _ in range(32)]
+        enc = tok([f"{c} {t}".lstrip() for c, t in samples], return_tensors="pt", padding=True)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        for i, (context, _) in enumerate(samples):
+            labels[i, :len(tok(context).input_ids)] = -100  # BOS and context
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -1,0 +1,139 @@
+"""Build a stage's network, tokenizer and task from a recipe (and, for stage 2, a stage-1 checkpoint)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import Blip2Error
+from ..models import checkpoints, keymaps, lavis, registry, tiny
+from ..models.blip2 import Blip2Config, Blip2ImageToText, Blip2Stage1
+from ..models.llm import build_language_model
+from ..models.vision import VisionConfig
+from . import dist
+from .recipe import PretrainRecipe
+from .tasks import Stage1Task, Stage2Task
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _tower(recipe: PretrainRecipe) -> tuple[VisionConfig, dict[str, torch.Tensor] | None]:
+    """The frozen tower's config and pretrained weights (None: random weights, e.g. the tiny recipes)."""
+    m = recipe.model
+    if isinstance(m.vision, VisionConfig):
+        return replace(m.vision, image_size=m.image_size), None
+    if m.vision not in lavis.TOWERS:
+        raise Blip2Error(f"model.vision {m.vision!r}: expected {', '.join(lavis.TOWERS)} or an inline tower config")
+    from ..models.hub import download_url
+
+    cfg = replace(lavis.TOWERS[m.vision], image_size=m.image_size)
+    raw = lavis.read_pth(download_url(registry.REGISTRY[m.vision].where))
+    return cfg, lavis.tower_state(raw, cfg, m.vision)
+
+
+def qformer_tokenizer(name: str):
+    return tiny.qformer_tokenizer() if name == "tiny" else lavis._qformer_tokenizer(name)
+
+
+def bert_init(name: str, vocab_size: int) -> dict[str, torch.Tensor]:
+    """BERT weights under our Q-Former names; each query FFN starts as a copy of its text FFN (LAVIS)."""
+    from ..models.hub import local_dir_for
+
+    raw = checkpoints.read_safetensors_dir(local_dir_for(name))
+    raw = {("Qformer." + k if k.startswith(("bert.", "cls.")) else "Qformer.bert." + k): v for k, v in raw.items()}
+    km = keymaps.lavis_keys(None)
+    state, _ = keymaps.translate(raw, km.to_ours, skip=keymaps.LAVIS_REDUNDANT)
+    state = {k: v for k, v in state.items() if k.startswith("qformer.") and "token_type" not in k}
+    for key in [k for k in state if ".text_ffn." in k]:
+        state[key.replace(".text_ffn.", ".query_ffn.")] = state[key].clone()
+    for key in ("qformer.embeddings.word.weight", "qformer.lm_head.decoder.bias"):
+        if key in state and state[key].shape[0] < vocab_size:  # room for [DEC]
+            old = state[key]
+            extra = old.new_empty((vocab_size - old.shape[0], *old.shape[1:]))
+            extra.normal_(0, 0.02) if old.dim() > 1 else extra.zero_()
+            state[key] = torch.cat([old, extra])
+    return state
+
+
+def _load_partial(net: nn.Module, state: dict[str, torch.Tensor], what: str, may_miss: tuple[str, ...]) -> None:
+    """Load what ``state`` has; every one of its keys must land, and only ``may_miss`` may stay unset."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(may_miss) and k != "qformer.lm_head.decoder.weight"]
+    if unexpected or missing:
+        raise Blip2Error(f"{what}: unexpected keys {checkpoints._few(sorted(unexpected))}; "
+                         f"missing keys {checkpoints._few(sorted(missing))}")
+
+
+def freeze(modules: list[nn.Module], dtype: torch.dtype) -> None:
+    for m in modules:
+        m.requires_grad_(False)
+        m.to(dtype)
+        m.eval()
+
+
+def build_stage1(recipe: PretrainRecipe) -> tuple[Stage1Task, checkpoints.Checkpoint]:
+    m = recipe.model
+    tok = qformer_tokenizer(m.tokenizer)
+    vision_cfg, vision_state = _tower(recipe)
+    qcfg = replace(m.qformer, encoder_width=vision_cfg.width, vocab_size=len(tok), has_text=True, has_lm_head=True)
+    cfg = Blip2Config(vision=vision_cfg, qformer=qcfg, embed_dim=m.embed_dim, ln_vision_eps=m.ln_vision_eps)
+    torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
+    net = Blip2Stage1(cfg)
+    if vision_state is not None:
+        _load_partial(net, vision_state, f"tower {m.vision}", may_miss=("qformer.", "ln_vision.", "vision_proj.",
+                                                                        "text_proj.", "itm_head.", "temp"))
+    if m.qformer_init:
+        _load_partial(net, bert_init(m.qformer_init, qcfg.vocab_size), f"Q-Former init {m.qformer_init}",
+                      may_miss=("vision.", "ln_vision.", "vision_proj.", "text_proj.", "itm_head.", "temp",
+                                "qformer.query_tokens", "qformer.layers"))
+    freeze([net.vision], DTYPES[m.frozen_dtype])
+    task = Stage1Task(net, tok, replace(recipe.stage1, seed=recipe.train.seed))
+    return task, checkpoints.Checkpoint(net, cfg, None, tok, None, "stage1")
+
+
+def _tiny_llm_dir(run_root: Path, recipe: PretrainRecipe) -> Path:
+    """The tiny recipe's LLM: trained once on the synthetic captions (by rank 0), then reused."""
+    from ..data.synthetic import COLOURS, SHAPES, caption
+
+    out = run_root / "tiny-llm"
+    if dist.rank() == 0 and not (out / "config.json").exists():
+        tiny.pretrain_llm([caption(c, s) for c in COLOURS for s in SHAPES], out, seed=recipe.train.seed)
+    if dist.is_distributed():
+        torch.distributed.barrier()
+    return out
+
+
+def build_stage2(recipe: PretrainRecipe, init: str, run_root: Path) -> tuple[Stage2Task, checkpoints.Checkpoint]:
+    """Stage 2 from a stage-1 checkpoint: its tower, ``ln_vision`` and query path; a new projection."""
+    from ..models.hub import load_checkpoint
+
+    m = recipe.model
+    if not init:
+        raise Blip2Error("stage 2 starts from a stage-1 checkpoint: pass --init RUN_DIR (or a checkpoint)")
+    if not m.llm:
+        raise Blip2Error("model.llm is empty: name the frozen LLM (opt-2.7b, flant5-xl, ..., or tiny)")
+    first = load_checkpoint(init)
+    if not isinstance(first.net, Blip2Stage1):
+        raise Blip2Error(f"--init {init}: not a stage-1 checkpoint")
+    llm_name = str(_tiny_llm_dir(run_root, recipe)) if m.llm == "tiny" else m.llm
+    text, lm_state, tok = lavis.load_llm(llm_name)
+    frozen = DTYPES[m.frozen_dtype]
+    lm = build_language_model(text, lm_state, dtype=frozen)
+    qcfg = replace(first.config.qformer, has_text=False, has_lm_head=False)
+    cfg = Blip2Config(vision=first.config.vision, qformer=qcfg, text=text, ln_vision_eps=first.config.ln_vision_eps)
+    torch.manual_seed(recipe.train.seed)
+    net = Blip2ImageToText(cfg, language_model=lm)
+    keep = {k: v for k, v in first.net.state_dict().items()
+            if k.startswith(("vision.", "ln_vision.")) or (k.startswith("qformer.") and _query_path(k))}
+    _load_partial(net, keep, f"--init {init}", may_miss=("language_projection.", "language_model."))
+    freeze(net.frozen_modules(), frozen)
+    task = Stage2Task(net, tok, replace(recipe.stage2, seed=recipe.train.seed))
+    return task, checkpoints.Checkpoint(net, cfg, tok, None, "caption", "stage2")
+
+
+def _query_path(key: str) -> bool:
+    """Q-Former weights stage 2 keeps: everything but the text embeddings, text FFNs and ITG head."""
+    return not any(part in key for part in (".embeddings.", ".text_ffn.", ".lm_head."))

@@ -1,0 +1,146 @@
+"""One training engine interface over a plain PyTorch process and DeepSpeed ZeRO.
+
+``train_batch`` runs the micro-batches of one optimiser step (forward, backward, accumulation,
+clipping, update) at a given learning rate and returns the mean losses; ``save``/``load`` write and
+read the complete trainer state; ``model_state`` gathers the full weights for a model checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import dist
+from .recipe import PretrainRecipe, deepspeed_config
+from .schedule import param_groups
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _optimizer(task: nn.Module, recipe: PretrainRecipe) -> torch.optim.Optimizer:
+    o = recipe.optim
+    groups = param_groups(task, o.weight_decay, o.decay_temp_and_queries)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def _mean(outs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    return {k: sum(float(o[k].detach()) for o in outs) / len(outs) for k in outs[0]}
+
+
+class TorchEngine:
+    """A single process: torch AdamW, autocast, gradient accumulation and clipping."""
+
+    def __init__(self, task: nn.Module, recipe: PretrainRecipe, device: torch.device) -> None:
+        self.task = task.to(device)
+        self.device = device
+        self.recipe = recipe
+        self.optimizer = _optimizer(task, recipe)
+        self.dtype = AUTOCAST[recipe.train.precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.train.precision == "fp16")
+
+    @property
+    def module(self) -> nn.Module:
+        return self.task
+
+    def _autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def train_batch(self, batches: list[dict[str, Any]], step: int, lr: float) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.task.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        outs = []
+        for batch in batches:
+            with self._autocast():
+                out = self.task(batch, step)
+            self.scaler.scale(out["loss"] / len(batches)).backward()
+            outs.append(out)
+        if self.recipe.train.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self._trainable(), self.recipe.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return _mean(outs)
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.task.parameters() if p.requires_grad]
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return self.task.net.state_dict()
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        trainable = {n: p.detach() for n, p in self.task.named_parameters() if p.requires_grad}
+        torch.save({"trainable": trainable, "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict()}, path / "engine.pt")
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path / "engine.pt", map_location=self.device, weights_only=True)
+        missing, unexpected = self.task.load_state_dict(state["trainable"], strict=False)
+        if unexpected:
+            raise RuntimeError(f"resume: unexpected keys {unexpected[:5]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO (stage from the recipe) over the same task, with a torch AdamW as its optimiser."""
+
+    def __init__(self, task: nn.Module, recipe: PretrainRecipe, device: torch.device) -> None:
+        import deepspeed
+
+        self.recipe = recipe
+        config = deepspeed_config(recipe, dist.world_size())
+        config.setdefault("zero_allow_untested_optimizer", True)
+        trainable = [p for p in task.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=task, optimizer=_optimizer(task, recipe), model_parameters=trainable, config=config)
+        self.device = self.engine.device
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def train_batch(self, batches: list[dict[str, Any]], step: int, lr: float) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.train()
+        outs = []
+        for batch in batches:
+            out = self.engine(batch, step)
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            outs.append(out)
+        return _mean(outs)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """Full weights, gathered from the ZeRO-3 partitions where needed (a collective: all ranks call it)."""
+        net = self.engine.module.net
+        if self.recipe.train.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(net.parameters()), modifier_rank=None):
+                return {k: v.detach().clone() for k, v in net.state_dict().items()}
+        return net.state_dict()
+
+    def save(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path), tag="engine", save_latest=False)
+
+    def load(self, path: Path) -> None:
+        loaded, _ = self.engine.load_checkpoint(str(path), tag="engine", load_module_strict=False)
+        if loaded is None:
+            raise RuntimeError(f"resume: no DeepSpeed checkpoint in {path}")
+
+
+def make_engine(task: nn.Module, recipe: PretrainRecipe, device: torch.device):
+    kind = recipe.train.engine
+    if kind == "auto":
+        kind = "deepspeed" if dist.world_size() > 1 else "torch"
+    return DeepSpeedEngine(task, recipe, device) if kind == "deepspeed" else TorchEngine(task, recipe, device)

@@ -1,0 +1,130 @@
+"""The pretraining recipe schema. Recipes (``blip2cli/recipes/pretrain``, ``tiny``) hold the numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import Blip2Error
+from ..models.qformer import QFormerConfig
+from ..models.vision import VisionConfig
+from .tasks import Stage1Loss, Stage2Loss
+
+
+@dataclass
+class ModelRecipe:
+    # a registry tower (pretrained weights, e.g. eva-g) or an inline config (random frozen weights)
+    vision: str | VisionConfig = "eva-g"
+    image_size: int = 224
+    ln_vision_eps: float = 1e-5  # LAVIS's ln_vision
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    # stage 1: BERT weights for the Q-Former ("" for random); query FFNs start as copies of the text FFNs
+    qformer_init: str = "google-bert/bert-base-uncased"
+    tokenizer: str = "google-bert/bert-base-uncased"  # Q-Former tokenizer ([DEC] added); "tiny" built in
+    embed_dim: int = 256
+    llm: str = ""  # stage 2: registry LLM, hub id or directory; "tiny" pretrains a small LM on the captions
+    frozen_dtype: str = "bfloat16"  # the frozen tower and LLM (paper: fp16 ViT/OPT, bf16 Flan-T5)
+
+
+@dataclass
+class SourceRecipe:
+    kind: str  # shapes | webdataset | caption_json
+    path: str = ""  # shards (directory, brace pattern) or annotation file
+    image_root: str = ""
+    weight: float = 1.0
+    size: int = 1000  # shapes: number of renderings
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("shapes", "webdataset", "caption_json"):
+            raise Blip2Error(f"data source kind {self.kind!r}: expected shapes, webdataset or caption_json")
+
+
+@dataclass
+class DataRecipe:
+    sources: list[SourceRecipe] = field(default_factory=list)
+    batch_size: int = 16  # per rank and micro-step
+    num_workers: int = 2
+    min_scale: float = 0.5  # random resized crop (paper: crop + flip)
+    max_words: int = 50
+
+
+@dataclass
+class OptimRecipe:
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 2000
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # paper; LAVIS runs 0.999
+    eps: float = 1e-8
+    # LAVIS decays the temperature and the query tokens too; by default they are left undecayed here.
+    decay_temp_and_queries: bool = False
+
+
+@dataclass
+class TrainRecipe:
+    steps: int = 250_000
+    global_batch: int = 0  # 0: batch_size x world size x accumulation (no check)
+    grad_accum: int = 1
+    precision: str = "bf16"  # autocast of the trainable part: fp32, bf16, fp16
+    grad_clip: float = 0.0  # 0: none (LAVIS clips nothing)
+    engine: str = "auto"  # auto (DeepSpeed when launched with several ranks), torch, deepspeed
+    zero_stage: int = 2
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config, merged last
+    log_every: int = 10
+    save_every: int = 1000
+    keep_last: int = 3
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise Blip2Error(f"train.precision {self.precision!r}: expected fp32, bf16 or fp16")
+        if self.engine not in ("auto", "torch", "deepspeed"):
+            raise Blip2Error(f"train.engine {self.engine!r}: expected auto, torch or deepspeed")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise Blip2Error(f"train.zero_stage {self.zero_stage}: expected 0 to 3")
+
+
+@dataclass
+class PretrainRecipe:
+    stage: str = "stage1"
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    stage1: Stage1Loss = field(default_factory=Stage1Loss)
+    stage2: Stage2Loss = field(default_factory=Stage2Loss)
+    data: DataRecipe = field(default_factory=DataRecipe)
+    optim: OptimRecipe = field(default_factory=OptimRecipe)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("stage1", "stage2"):
+            raise Blip2Error(f"stage {self.stage!r}: expected stage1 or stage2")
+        if not self.data.sources:
+            raise Blip2Error("data.sources is empty: name at least one dataset")
+
+
+def deepspeed_config(recipe: PretrainRecipe, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config, derived from the recipe (one source for batch, precision, clipping)."""
+    t = recipe.train
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": recipe.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": recipe.data.batch_size * t.grad_accum * world_size,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.grad_clip:
+        cfg["gradient_clipping"] = t.grad_clip
+    if t.global_batch and t.global_batch != cfg["train_batch_size"]:
+        raise Blip2Error(f"train.global_batch {t.global_batch} != batch_size {recipe.data.batch_size} x accumulation "
+                         f"{t.grad_accum} x {world_size} ranks = {cfg['train_batch_size']}")
+    return _merge(cfg, t.deepspeed)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
