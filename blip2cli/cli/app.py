@@ -28,9 +28,27 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def take_local_rank(argv: list[str]) -> list[str]:
+    """Remove the ``--local_rank`` argument the DeepSpeed launcher appends (LOCAL_RANK carries it too)."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name, _, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not value and i + 1 < len(argv):
+                value, skip = argv[i + 1], True
+            os.environ.setdefault("LOCAL_RANK", value)
+            continue
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     """Entry point: every expected failure is one line on stderr and a non-zero exit."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    sys.argv = take_local_rank(sys.argv)
     try:
         app()
     except Blip2Error as e:

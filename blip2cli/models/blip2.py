@@ -55,8 +55,7 @@ class Blip2Base(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised ViT tokens ``(B, N, width)`` in the Q-Former's dtype (float32 by default)."""
         tokens = self.vision(pixel_values)
-        return F.layer_norm(tokens.to(self.ln_vision.weight.dtype), self.ln_vision.normalized_shape,
-                            self.ln_vision.weight, self.ln_vision.bias, self.ln_vision.eps)
+        return self.ln_vision(tokens.to(self.ln_vision.weight.dtype))
 
     def query_output(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """The learned queries after cross-attending to the image, ``(B, queries, hidden)``."""
@@ -64,6 +63,10 @@ class Blip2Base(nn.Module):
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.vision]
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters read outside their own module's forward (ZeRO-3 gathers them with the caller's)."""
+        return [*self.vision.trunk.parameters(recurse=False), self.qformer.query_tokens]
 
 
 class Blip2Stage1(Blip2Base):
@@ -75,7 +78,8 @@ class Blip2Stage1(Blip2Base):
         self.vision_proj = nn.Linear(d, cfg.embed_dim)
         self.text_proj = nn.Linear(d, cfg.embed_dim)
         self.itm_head = nn.Linear(d, 2)
-        self.temp = nn.Parameter(torch.tensor(0.07))
+        # shape [1], not [] (LAVIS): DeepSpeed cannot broadcast 0-dim parameters
+        self.temp = nn.Parameter(torch.tensor([0.07]))
 
     def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """L2-normalised ITC features of the queries, ``(B, queries, embed_dim)``."""
@@ -86,6 +90,9 @@ class Blip2Stage1(Blip2Base):
         """L2-normalised ITC features of the text [CLS] token, ``(B, embed_dim)``."""
         out = self.qformer(input_ids=input_ids, text_mask=attention_mask, use_queries=False)
         return F.normalize(self.text_proj(out.hidden_states[:, 0].to(self.text_proj.weight.dtype)), dim=-1)
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        return [*super().external_parameters(), self.temp]
 
     @staticmethod
     def similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:

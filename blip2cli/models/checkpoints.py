@@ -151,7 +151,7 @@ def _materialise(net: nn.Module, cfg: Blip2Config) -> None:
     """Fill what a checkpoint may omit (defaults, non-persistent buffers) and re-tie weights."""
     for name, p in list(net.named_parameters()):
         if p.is_meta and name == "temp":
-            net.temp = nn.Parameter(torch.tensor(0.07))
+            net.temp = nn.Parameter(torch.tensor([0.07]))
     for module in net.modules():
         for bname, buf in list(module.named_buffers(recurse=False)):
             if buf is not None and buf.is_meta:

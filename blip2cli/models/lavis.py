@@ -184,6 +184,8 @@ def load_lavis(path: Path, llm: str | None = None, vision: str | VisionConfig | 
     if tied is not None and not torch.equal(tied, body["Qformer.bert.embeddings.word_embeddings.weight"]):
         raise Blip2Error(f"{path}: the Q-Former LM head is not tied to the word embeddings")
     state, unknown = keymaps.translate(body, km.to_ours, skip=keymaps.LAVIS_REDUNDANT)
+    if "temp" in state:
+        state["temp"] = state["temp"].reshape(1)  # LAVIS stores a 0-dim tensor
     if unknown:
         raise Blip2Error(f"{path}: unexpected keys {checkpoints._few(sorted(unknown))}")
     if text is None and not qformer.has_text:

@@ -41,6 +41,7 @@ class TorchEngine:
         self.optimizer = _optimizer(task, recipe)
         self.dtype = AUTOCAST[recipe.train.precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.train.precision == "fp16")
+        self.kind = "torch"
 
     @property
     def module(self) -> nn.Module:
@@ -103,6 +104,10 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=task, optimizer=_optimizer(task, recipe), model_parameters=trainable, config=config)
         self.device = self.engine.device
+        self.kind = f"deepspeed-zero{recipe.train.zero_stage}"
+        if recipe.train.zero_stage == 3:
+            for p in task.net.external_parameters():
+                deepspeed.zero.register_external_parameter(self.engine.module, p)
 
     @property
     def module(self) -> nn.Module:

@@ -113,7 +113,8 @@ def save_checkpoint(engine, ckpt: checkpoints.Checkpoint, run: Path, step: int, 
         torch.distributed.barrier()
     engine.save(partial / "trainer")
     mixture.position = consumed
-    torch.save({"step": step, "data": mixture.state_dict(), "rng": _rng_state()},
+    torch.save({"step": step, "data": mixture.state_dict(), "rng": _rng_state(), "engine": engine.kind,
+                "world_size": dist.world_size()},
                partial / "trainer" / f"state-rank{dist.rank():03d}.pt")
     model_state = engine.model_state()  # a collective under ZeRO-3
     if dist.rank() == 0:
@@ -133,8 +134,14 @@ def save_checkpoint(engine, ckpt: checkpoints.Checkpoint, run: Path, step: int, 
 
 def resume_from(engine, mixture, checkpoint: Path) -> tuple[int, dict[str, Any]]:
     """Restore the engine and the data position; returns the step and the RNG state to set last."""
+    state_file = checkpoint / "trainer" / f"state-rank{dist.rank():03d}.pt"
+    if not state_file.exists():
+        raise Blip2Error(f"{checkpoint}: no trainer state for rank {dist.rank()} (was it written by fewer ranks?)")
+    state = torch.load(state_file, weights_only=False)
+    if state.get("engine") != engine.kind:
+        raise Blip2Error(f"{checkpoint} was written by the {state.get('engine')} engine; this run uses {engine.kind}: "
+                         "resume with the same train.engine and train.zero_stage")
     engine.load(checkpoint / "trainer")
-    state = torch.load(checkpoint / "trainer" / f"state-rank{dist.rank():03d}.pt", weights_only=False)
     mixture.load_state_dict(state["data"])
     return int(state["step"]), state["rng"]
 

@@ -1,0 +1,106 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 on two CPU ranks (gloo): the same losses and gradients as one process
+with the whole batch, and ``blip2 pretrain`` itself under the DeepSpeed launcher."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip2cli.config import load_recipe
+from blip2cli.train.recipe import PretrainRecipe
+
+B = 3
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+
+
+def recipe_for(zero: int) -> PretrainRecipe:
+    return load_recipe(PretrainRecipe, "tiny/stage1", [f"train.zero_stage={zero}", f"data.batch_size={B}",
+                                                       "train.precision=fp32"])
+
+
+def task_for(stage: str, assets: str):
+    """The tasks of test_distributed_losses, from files made once (tokenizer training is not repeatable)."""
+    from .test_distributed_losses import _stage1_task, _stage2_task
+
+    return _stage1_task(f"{assets}/bert") if stage == "stage1" else _stage2_task(f"{assets}/opt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT)}
+    cmd = [DEEPSPEED, "--num_accelerators", "2", "--master_port", str(_free_port()), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, hf_opt):
+    from . import tiny
+
+    root = tmp_path_factory.mktemp("ds")
+    tiny.bert_tokenizer().save_pretrained(root / "bert")
+    shutil.copytree(hf_opt, root / "opt")
+    return root
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_zero_two_ranks_equal_one_process(stage, zero, assets, tmp_path):
+    proc = launch([str(ROOT / "tests" / "ds_worker.py"), "--stage", stage, "--zero", str(zero), "--assets",
+                   str(assets), "--out", str(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    got = torch.load(tmp_path / f"zero{zero}.pt")
+
+    from .test_distributed_losses import _run
+    from .test_losses import _batch
+
+    task = task_for(stage, str(assets))
+    losses, grads = _run(task, _batch(2 * B))
+    for k in losses:
+        torch.testing.assert_close(got["losses"][k], losses[k], atol=1e-5, rtol=1e-5, msg=k)
+    assert {f"net.{k}" if not k.startswith("net.") else k for k in got["grads"]} == set(grads)
+    for name, g in grads.items():
+        other = got["grads"][name]
+        assert (other - g).norm() <= 1e-5 * g.norm() + 1e-7, name
+
+
+@pytest.mark.distributed
+def test_pretrain_under_the_deepspeed_launcher_saves_and_resumes(tmp_path):
+    blip2 = str(Path(sys.executable).with_name("blip2"))
+    args = [blip2, "pretrain", "stage1", "--recipe", "tiny", "--out", "runs", "--name", "ds", "--set",
+            "train.steps=4", "--set", "train.save_every=2", "--set", "train.zero_stage=3"]
+    first = launch(args, cwd=tmp_path)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    run = tmp_path / "runs" / "ds"
+    assert (run / "latest").resolve().name == "step-000004"
+    assert (run / "step-000004" / "model.safetensors").exists()
+    again = launch([*args, "--set", "train.steps=6"], cwd=tmp_path)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "resumed from" in again.stdout + again.stderr
+    assert (run / "latest").resolve().name == "step-000006"
+    other = launch([*args, "--set", "train.steps=8", "--set", "train.zero_stage=2"], cwd=tmp_path)
+    assert other.returncode != 0 and "written by the deepspeed-zero3 engine" in other.stdout + other.stderr
+    import blip2cli
+
+    model = blip2cli.load(str(run), device="cpu", dtype="float32")
+    assert model.itc([_shape_image(tmp_path)], ["a red circle"]).shape == (1, 1)
+
+
+def _shape_image(tmp_path: Path) -> Path:
+    from blip2cli.data.synthetic import ShapesDataset
+
+    return ShapesDataset("heldout", size=1).write_images(tmp_path / "img", 1)[0]
