@@ -37,7 +37,8 @@ def test_every_pretrain_recipe_loads():
         assert recipe.stage in name
     paper = load_recipe(PretrainRecipe, "pretrain/stage1_eva-g")
     assert (paper.train.steps, paper.train.global_batch, paper.optim.betas) == (250_000, 1680, [0.9, 0.98])
-    assert deepspeed_config(paper, world_size=16)["train_batch_size"] == 1680
+    ds = deepspeed_config(paper, world_size=16)
+    assert ds["train_batch_size"] == 1680 and ds["zero_optimization"]["overlap_comm"] is True  # zero2 preset
     s2 = load_recipe(PretrainRecipe, "pretrain/stage2_flant5-xl")
     assert (s2.train.steps, s2.train.global_batch, s2.optim.min_lr) == (80_000, 1520, 5e-5)
     with pytest.raises(Blip2Error, match="global_batch 1680 != batch_size 105"):
@@ -193,3 +194,36 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     assert "continue with --resume auto" in err
     step = int((tmp_path / "runs" / "term" / "latest").resolve().name.split("-")[1])
     assert step >= 3
+
+
+def test_qformer_starts_from_bert(tmp_path):
+    """Stage 1 initialises the Q-Former from BERT: both FFNs from BERT's, [DEC] appended, cross-attention new."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from blip2cli.train.build import build_stage1
+
+    from . import tiny
+
+    tok = tiny.bert_tokenizer()
+    bert = BertForMaskedLM(BertConfig(vocab_size=len(tok) - 1, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=40))
+    bert.save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    recipe = load_recipe(PretrainRecipe, "tiny/stage1", [
+        f"model.qformer_init={tmp_path / 'bert'}", f"model.tokenizer={tmp_path / 'bert'}",
+        "model.qformer.hidden_size=32", "model.qformer.num_layers=2", "model.qformer.intermediate_size=64",
+        "model.qformer.max_position_embeddings=40"])
+    net = build_stage1(recipe)[0].net
+    ref = bert.state_dict()
+    q = net.qformer
+    torch.testing.assert_close(q.layers[1].self_attn.key.weight, ref["bert.encoder.layer.1.attention.self.key.weight"])
+    for ffn in (q.layers[0].query_ffn, q.layers[0].text_ffn):
+        torch.testing.assert_close(ffn.fc1.weight, ref["bert.encoder.layer.0.intermediate.dense.weight"])
+        torch.testing.assert_close(ffn.norm.bias, ref["bert.encoder.layer.0.output.LayerNorm.bias"])
+    assert q.layers[0].query_ffn.fc1.weight.data_ptr() != q.layers[0].text_ffn.fc1.weight.data_ptr()  # untied
+    words = ref["bert.embeddings.word_embeddings.weight"]
+    assert q.embeddings.word.weight.shape[0] == len(tok) == words.shape[0] + 1  # room for [DEC]
+    torch.testing.assert_close(q.embeddings.word.weight[:-1], words)
+    torch.testing.assert_close(q.lm_head.dense.weight, ref["cls.predictions.transform.dense.weight"])
+    torch.testing.assert_close(q.embed_norm.weight, ref["bert.embeddings.LayerNorm.weight"])
+    assert q.layers[0].cross_attn.key.weight.shape == (32, 64)  # from the tower width, randomly initialised

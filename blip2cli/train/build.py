@@ -43,10 +43,12 @@ def bert_init(name: str, vocab_size: int) -> dict[str, torch.Tensor]:
     from ..models.hub import local_dir_for
 
     raw = checkpoints.read_safetensors_dir(local_dir_for(name))
-    raw = {("Qformer." + k if k.startswith(("bert.", "cls.")) else "Qformer.bert." + k): v for k, v in raw.items()}
-    km = keymaps.lavis_keys(None)
-    state, _ = keymaps.translate(raw, km.to_ours, skip=keymaps.LAVIS_REDUNDANT)
-    state = {k: v for k, v in state.items() if k.startswith("qformer.") and "token_type" not in k}
+    unused = ("pooler.", "seq_relationship.", "token_type_embeddings.", "position_ids")  # BLIP-2 has none of these
+    raw = {_modern_norm_names("Qformer." + k if k.startswith(("bert.", "cls.")) else "Qformer.bert." + k): v
+           for k, v in raw.items() if not any(u in k for u in unused)}
+    state, unknown = keymaps.translate(raw, keymaps.lavis_keys(None).to_ours, skip=keymaps.LAVIS_REDUNDANT)
+    if unknown:
+        raise Blip2Error(f"--qformer_init {name}: unexpected BERT keys {checkpoints._few(sorted(unknown))}")
     for key in [k for k in state if ".text_ffn." in k]:
         state[key.replace(".text_ffn.", ".query_ffn.")] = state[key].clone()
     for key in ("qformer.embeddings.word.weight", "qformer.lm_head.decoder.bias"):
@@ -56,6 +58,11 @@ def bert_init(name: str, vocab_size: int) -> dict[str, torch.Tensor]:
             extra.normal_(0, 0.02) if old.dim() > 1 else extra.zero_()
             state[key] = torch.cat([old, extra])
     return state
+
+
+def _modern_norm_names(key: str) -> str:
+    """Old BERT checkpoints name LayerNorm parameters gamma/beta."""
+    return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
 
 
 def _load_partial(net: nn.Module, state: dict[str, torch.Tensor], what: str, may_miss: tuple[str, ...]) -> None:

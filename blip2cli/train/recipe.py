@@ -70,6 +70,7 @@ class TrainRecipe:
     grad_clip: float = 0.0  # 0: none (LAVIS clips nothing)
     engine: str = "auto"  # auto (DeepSpeed when launched with several ranks), torch, deepspeed
     zero_stage: int = 2
+    deepspeed_preset: str = ""  # a file of recipes/deepspeed/ (zero2, zero3), merged into the generated config
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config, merged last
     log_every: int = 10
     save_every: int = 1000
@@ -120,6 +121,15 @@ def deepspeed_config(recipe: PretrainRecipe, world_size: int) -> dict[str, Any]:
     if t.global_batch and t.global_batch != cfg["train_batch_size"]:
         raise Blip2Error(f"train.global_batch {t.global_batch} != batch_size {recipe.data.batch_size} x accumulation "
                          f"{t.grad_accum} x {world_size} ranks = {cfg['train_batch_size']}")
+    if t.deepspeed_preset:
+        from ..config import read_yaml, recipe_path
+
+        preset = read_yaml(recipe_path(f"deepspeed/{t.deepspeed_preset}"))
+        stage = preset.get("zero_optimization", {}).get("stage", t.zero_stage)
+        if stage != t.zero_stage:
+            raise Blip2Error(f"train.deepspeed_preset {t.deepspeed_preset} is ZeRO-{stage} but train.zero_stage is "
+                             f"{t.zero_stage}")
+        cfg = _merge(cfg, preset)
     return _merge(cfg, t.deepspeed)
 
 
