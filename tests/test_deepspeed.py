@@ -104,3 +104,17 @@ def _shape_image(tmp_path: Path) -> Path:
     from blip2cli.data.synthetic import ShapesDataset
 
     return ShapesDataset("heldout", size=1).write_images(tmp_path / "img", 1)[0]
+
+
+@pytest.mark.distributed
+def test_pretrain_under_torchrun(tmp_path):
+    blip2 = str(Path(sys.executable).with_name("blip2"))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), blip2, "pretrain",
+                           "stage1", "--recipe", "tiny", "--out", "runs", "--name", "tr", "--set", "train.steps=2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    trainer = tmp_path / "runs" / "tr" / "latest" / "trainer"
+    assert (trainer / "engine").is_dir()  # DeepSpeed's checkpoint: two ranks ran under ZeRO
+    assert {p.name for p in trainer.glob("state-rank*.pt")} == {"state-rank000.pt", "state-rank001.pt"}
