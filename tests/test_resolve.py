@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import torch
+
 import pytest
 
 import blip2cli
@@ -11,18 +13,24 @@ from blip2cli.errors import Blip2Error
 from blip2cli.models import checkpoints, registry
 
 
-def test_hub_id_loads_from_the_offline_cache(hf_opt, image_files, tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    snapshot = cache / "models--tiny-org--blip2-opt" / "snapshots" / "0123abcd"
-    shutil.copytree(hf_opt, snapshot)
-    (cache / "models--tiny-org--blip2-opt" / "refs").mkdir()
-    (cache / "models--tiny-org--blip2-opt" / "refs" / "main").write_text("0123abcd")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def fake_hub_cache(monkeypatch, root, repos: dict[str, object]) -> None:
+    """A Hugging Face cache holding ``repos`` (id -> directory), used offline."""
     import huggingface_hub.constants as hub_constants
 
+    cache = root / "hub"
+    for repo, src in repos.items():
+        base = cache / f"models--{repo.replace('/', '--')}"
+        shutil.copytree(src, base / "snapshots" / "0123abcd")
+        (base / "refs").mkdir()
+        (base / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+
+def test_hub_id_loads_from_the_offline_cache(hf_opt, image_files, tmp_path, monkeypatch):
+    fake_hub_cache(monkeypatch, tmp_path, {"tiny-org/blip2-opt": hf_opt})
     from_hub = blip2cli.load("tiny-org/blip2-opt", device="cpu", dtype="float32")
     local = blip2cli.load(str(hf_opt), device="cpu", dtype="float32")
     kw = dict(num_beams=2, max_new_tokens=4)
@@ -63,3 +71,32 @@ def test_recipe_errors_are_one_line():
     with pytest.raises(Blip2Error, match="expected int"):
         load_recipe(Decoding, "generate/vqa", ["num_beams=many"])
     assert load_recipe(Decoding, "generate/vqa", ["length_penalty=0"]).length_penalty == 0.0
+
+
+def test_training_checkpoints_refer_to_a_fetchable_llm(hf_opt, tmp_path, monkeypatch):
+    """A stage-2 checkpoint stores the frozen LLM by name when it can be fetched again, not by value."""
+    from safetensors.torch import load_file
+
+    from blip2cli.config import load_recipe
+    from blip2cli.train.build import build_stage1, build_stage2
+    from blip2cli.train.recipe import PretrainRecipe
+
+    lm_dir = tmp_path / "opt-lm"
+    source = blip2cli.load(str(hf_opt), device="cpu", dtype="float32")
+    source.net.language_model.model.save_pretrained(lm_dir)
+    source.checkpoint.tokenizer.save_pretrained(lm_dir)
+    fake_hub_cache(monkeypatch, tmp_path, {"tiny-org/opt-lm": lm_dir})
+    _, first = build_stage1(load_recipe(PretrainRecipe, "tiny/stage1"))
+    checkpoints.save(first, tmp_path / "stage1")
+    task, ckpt = build_stage2(load_recipe(PretrainRecipe, "tiny/stage2", ["model.llm=tiny-org/opt-lm"]),
+                              str(tmp_path / "stage1"), tmp_path)
+    checkpoints.save(ckpt, tmp_path / "stage2")
+    saved = load_file(tmp_path / "stage2" / "model.safetensors")
+    assert not any(k.startswith("language_model.") for k in saved)
+    assert any(k.startswith("vision.") for k in saved)  # the tiny tower has no source: stored by value
+    again = checkpoints.load_ours(tmp_path / "stage2")
+    assert again.frozen_sources == {"language_model": "tiny-org/opt-lm"}
+    ours = again.net.language_model.model.state_dict()
+    for k, v in source.net.language_model.model.state_dict().items():
+        torch.testing.assert_close(ours[k], v)
+    torch.testing.assert_close(again.net.qformer.query_tokens, task.net.qformer.query_tokens)

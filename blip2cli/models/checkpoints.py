@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ class Checkpoint:
     qformer_tokenizer: Any  # the Q-Former's BERT tokenizer, where the checkpoint has a text side
     generation: str | None  # name of the generation recipe with this model's decoding defaults
     source: str  # what was loaded, for messages and provenance
+    # frozen components saved by reference, not by value: {"vision": "eva-g", "language_model": "opt-2.7b"}
+    frozen_sources: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- configs
@@ -266,14 +268,32 @@ def load_ours(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     meta = json.loads((path / FORMAT_FILE).read_text())
     cfg = Blip2Config.from_dict(meta["config"])
     state = load_file(path / WEIGHTS_FILE)
+    sources = meta.get("frozen_sources", {})
+    if "vision" in sources:
+        state.update(_tower_weights(sources["vision"], cfg))
     lm_state = None
     if cfg.text is not None:
         prefix = "language_model.model."
         lm_state = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        if "language_model" in sources:
+            from .lavis import load_llm
+
+            lm_state = load_llm(sources["language_model"])[1]
     net = build(cfg, state, lm_state, str(path), dtype)
     tok = _tokenizer(path / "tokenizer", _llm_padding_side(cfg)) if (path / "tokenizer").exists() else None
     qtok = _tokenizer(path / "qformer_tokenizer") if (path / "qformer_tokenizer").exists() else None
-    return Checkpoint(net, cfg, tok, qtok, meta.get("generation"), str(path))
+    return Checkpoint(net, cfg, tok, qtok, meta.get("generation"), str(path), dict(sources))
+
+
+def _tower_weights(name: str, cfg: Blip2Config) -> dict[str, torch.Tensor]:
+    """A registry tower's weights (the frozen ViT a checkpoint refers to), under our names."""
+    from .hub import download_url
+    from .lavis import read_pth, tower_state
+
+    entry = registry.lookup(name, kind="tower")
+    if entry is None:
+        raise Blip2Error(f"frozen tower {name!r}: not a registry tower")
+    return tower_state(read_pth(download_url(entry.where)), cfg.vision, name)
 
 
 def _atomic_dir(out: Path):
@@ -310,10 +330,12 @@ def write_model(ckpt: Checkpoint, out: Path, extra: dict[str, Any] | None = None
 
     tensors = _full_state(ckpt.net) if state is None else {
         k: v for k, v in state.items() if k != "qformer.lm_head.decoder.weight"}
+    by_reference = tuple(f"{name}." for name in ckpt.frozen_sources)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(by_reference)} if by_reference else tensors
     tensors = _untie_for_saving({k: v.detach().contiguous() for k, v in tensors.items()})
     save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
     meta = {"format": "blip2", "version": 1, "config": ckpt.config.to_dict(), "generation": ckpt.generation,
-            **(extra or {})}
+            "frozen_sources": ckpt.frozen_sources, **(extra or {})}
     (out / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
     if ckpt.tokenizer is not None:
         ckpt.tokenizer.save_pretrained(out / "tokenizer")

@@ -98,7 +98,8 @@ def build_stage1(recipe: PretrainRecipe) -> tuple[Stage1Task, checkpoints.Checkp
                                 "qformer.query_tokens", "qformer.layers"))
     freeze([net.vision], DTYPES[m.frozen_dtype])
     task = Stage1Task(net, tok, replace(recipe.stage1, seed=recipe.train.seed))
-    return task, checkpoints.Checkpoint(net, cfg, None, tok, None, "stage1")
+    sources = {"vision": m.vision} if vision_state is not None else {}
+    return task, checkpoints.Checkpoint(net, cfg, None, tok, None, "stage1", sources)
 
 
 def _tiny_llm_dir(run_root: Path, recipe: PretrainRecipe) -> Path:
@@ -138,7 +139,10 @@ def build_stage2(recipe: PretrainRecipe, init: str, run_root: Path) -> tuple[Sta
     _load_partial(net, keep, f"--init {init}", may_miss=("language_projection.", "language_model."))
     freeze(net.frozen_modules(), frozen)
     task = Stage2Task(net, tok, replace(recipe.stage2, seed=recipe.train.seed))
-    return task, checkpoints.Checkpoint(net, cfg, tok, None, "caption", "stage2")
+    sources = {k: v for k, v in first.frozen_sources.items() if k == "vision"}
+    if m.llm != "tiny" and not Path(m.llm).exists():  # a registry name or hub id can be fetched again
+        sources["language_model"] = m.llm
+    return task, checkpoints.Checkpoint(net, cfg, tok, None, "caption", "stage2", sources)
 
 
 def _query_path(key: str) -> bool:
