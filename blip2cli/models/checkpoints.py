@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import Blip2Error
-from . import keymaps
+from . import keymaps, registry
 from .blip2 import Blip2Config, Blip2ImageToText, Blip2Stage1
 from .llm import build_language_model
 from .qformer import QFormerConfig
