@@ -100,3 +100,35 @@ def test_training_checkpoints_refer_to_a_fetchable_llm(hf_opt, tmp_path, monkeyp
     for k, v in source.net.language_model.model.state_dict().items():
         torch.testing.assert_close(ours[k], v)
     torch.testing.assert_close(again.net.qformer.query_tokens, task.net.qformer.query_tokens)
+
+
+def test_registry_tower_comes_from_the_cache_and_is_saved_by_reference(tmp_path, monkeypatch):
+    """``vision: eva-g`` reads LAVIS's eva_vit_g.pth (here a tiny stand-in in $BLIP2_CACHE), drops the
+    tower's last block, and checkpoints name the tower instead of storing it."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+    from timm.models.eva import Eva
+
+    from blip2cli.config import load_recipe
+    from blip2cli.models import lavis
+    from blip2cli.train.build import build_stage1
+    from blip2cli.train.recipe import PretrainRecipe
+
+    tiny_eva = replace(lavis.TOWERS["eva-g"], image_size=64, patch_size=8, width=64, layers=2, heads=4, mlp_dim=128)
+    monkeypatch.setitem(lavis.TOWERS, "eva-g", tiny_eva)
+    torch.manual_seed(3)
+    full = Eva(img_size=64, patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0, num_classes=0)
+    torch.save(full.state_dict(), tmp_path / "eva_vit_g.pth")  # a raw tower file, 3 blocks, as LAVIS ships it
+    monkeypatch.setenv("BLIP2_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, ckpt = build_stage1(load_recipe(PretrainRecipe, "tiny/stage1", ["model.vision=eva-g"]))
+    assert len(ckpt.net.vision.trunk.blocks) == 2
+    torch.testing.assert_close(ckpt.net.vision.trunk.blocks[1].mlp.fc1.weight, full.blocks[1].mlp.fc1.weight)
+    checkpoints.save(ckpt, tmp_path / "s1")
+    assert not any(k.startswith("vision.") for k in load_file(tmp_path / "s1" / "model.safetensors"))
+    again = checkpoints.load_ours(tmp_path / "s1")
+    torch.testing.assert_close(again.net.vision.trunk.pos_embed, full.pos_embed)
+    (tmp_path / "eva_vit_g.pth").unlink()
+    with pytest.raises(Blip2Error, match="eva_vit_g.pth is not cached"):
+        checkpoints.load_ours(tmp_path / "s1")
