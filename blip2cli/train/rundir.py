@@ -22,7 +22,7 @@ def step_dir(run: Path, step: int) -> Path:
 
 
 def write_provenance(run: Path, recipe: dict[str, Any], argv: list[str]) -> None:
-    """The resolved recipe, the command line and the versions, once per run (rank 0)."""
+    """The resolved recipe, the command lines and the versions (rank 0, at every start)."""
     import torch
     import transformers
 
@@ -30,7 +30,8 @@ def write_provenance(run: Path, recipe: dict[str, Any], argv: list[str]) -> None
 
     run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    (run / "command.txt").write_text(" ".join(argv) + "\n")
+    with open(run / "command.txt", "a") as f:  # one line per start: the first run, then each resume
+        f.write(" ".join(argv) + "\n")
     (run / "version.json").write_text(json.dumps({
         "blip2": __version__, "git": _git_sha(), "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__}, indent=2))
