@@ -72,7 +72,14 @@ def load_side(side: str, path: str, dtype: str, queue) -> None:
     else:
         model = blip2cli.load(path, device="cpu", dtype=dtype)
     peak = peak_rss_mib()
-    queue.put(dict(side=side, peak_above_baseline_mib=peak - base, resident_after_mib=rss_mib() - base,
+    # safetensors maps the file: pages arrive on first use. Touch every weight, then look again: a
+    # loader that kept no second copy now holds about the weights' size.
+    net = model if side == "transformers" else model.net
+    with torch.no_grad():
+        for p in net.parameters():
+            p.sum()  # no float copy: only the pages themselves
+    touched = peak_rss_mib() - base
+    queue.put(dict(touched_mib=touched, side=side, peak_above_baseline_mib=peak - base, resident_after_mib=rss_mib() - base,
                    base=base, peak=peak))
     del model
 
@@ -95,6 +102,8 @@ def main() -> None:
             result = queue.get()
             proc.join()
             report[f"{side}_peak_mib"] = round(result["peak_above_baseline_mib"])
+            report[f"{side}_peak_after_touching_every_weight_mib"] = round(result["touched_mib"])
+            report[f"{side}_touched_over_weights"] = round(result["touched_mib"] / size, 3)
             report[f"{side}_resident_after_mib"] = round(result["resident_after_mib"])
             report[f"{side}_peak_over_weights"] = round(result["peak_above_baseline_mib"] / size, 3)
             # the loaded model can be larger than the file: the Q-Former is kept in float32

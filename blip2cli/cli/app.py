@@ -8,6 +8,7 @@ import sys
 import typer
 
 from ..errors import Blip2Error
+from . import eval as eval_cmd
 from . import generate, models, pretrain
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app.command("generate", no_args_is_help=True)(generate.generate)
 app.command("models")(models.list_models)
 app.command("convert", no_args_is_help=True)(models.convert)
 app.add_typer(pretrain.app, name="pretrain")
+app.add_typer(eval_cmd.app, name="eval")
 
 
 def fail(message: str, code: int = 2) -> None:

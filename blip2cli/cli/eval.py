@@ -1,0 +1,235 @@
+"""``blip2 eval vqav2|okvqa|gqa|coco|nocaps``: benchmark scores from the official scorers.
+
+For now every command scores existing predictions (``--predictions``); running the model is to come.
+Parsing, validation and rendering only: the scoring lives in ``blip2cli.eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..errors import Blip2Error
+
+app = typer.Typer(help="Evaluate on the paper's benchmarks (for now: score existing predictions with --predictions).",
+                  no_args_is_help=True)
+
+PredictionsOpt = Annotated[Optional[Path], typer.Option(
+    "--predictions", help="Predictions to score: a JSON list (or JSON lines) of objects.")]
+QuestionsOpt = Annotated[Optional[Path], typer.Option("--questions", help="The official questions JSON.")]
+AnnotationsOpt = Annotated[Optional[Path], typer.Option("--annotations", help="The official annotations JSON.")]
+CaptionsOpt = Annotated[Optional[Path], typer.Option(
+    "--annotations", help="Reference captions in COCO caption format (images + annotations).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on stdout, nothing else.")]
+AllowMissingOpt = Annotated[bool, typer.Option(
+    "--allow-missing", help="Score only what was predicted (the official tools require every question or image).")]
+LegacyOpt = Annotated[bool, typer.Option(
+    "--legacy-lavis", help="LAVIS's copy of the VQA scorer (pre-2021 answer processing) instead of the official one.")]
+SpiceOpt = Annotated[bool, typer.Option("--spice/--no-spice", help="Compute SPICE when its CoreNLP jars are present.")]
+
+
+def _scoring_only(command: str, predictions: Path | None) -> Path:
+    if predictions is None:
+        raise Blip2Error(f"eval {command}: model-driven evaluation is not implemented yet; "
+                         "score existing predictions with --predictions FILE")
+    return predictions
+
+
+def _required(command: str, option: str, path: Path | None) -> Path:
+    if path is None:
+        raise Blip2Error(f"eval {command}: {option} FILE is required")
+    return path
+
+
+def read_json(path: Path, lines_ok: bool = False) -> Any:
+    """A JSON file (or, with ``lines_ok``, JSON lines as a list); every failure is one line naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise Blip2Error(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise Blip2Error(f"{path}: is a directory, not a JSON file") from None
+    except UnicodeDecodeError:
+        raise Blip2Error(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise Blip2Error(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        error = e
+    if lines_ok:
+        try:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            pass
+    raise Blip2Error(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})")
+
+
+def _naming_files(score: Callable[[], dict], files: dict[str, Path]) -> dict:
+    """Run a scorer; its errors about "predictions: ..." or "annotations: ..." name the user's file instead."""
+    try:
+        return score()
+    except Blip2Error as e:
+        what, sep, rest = str(e).partition(": ")
+        if sep and what in files:
+            raise Blip2Error(f"{files[what]}: {rest}") from None
+        raise
+
+
+def _emit(result: dict, json_out: bool, render: Callable[[dict], None]) -> None:
+    for note in result.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    if json_out:
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+    else:
+        render(result)
+
+
+def _render_accuracy(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("", "accuracy (%)", box=None, title=f"{result['num_questions']} questions", title_justify="left")
+    table.add_row("overall", f"{result['accuracy']:.2f}", style="bold")
+    for name, value in result.get("per_answer_type", {}).items():
+        table.add_row(name, f"{value:.2f}")
+    for name, value in sorted(result.get("per_question_type", {}).items()):
+        table.add_row(f"[dim]{name}[/dim]", f"[dim]{value:.2f}[/dim]")
+    Console().print(table)
+
+
+def _render_captions(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..eval.caption_scoring import METRICS
+
+    columns = {"overall": result, **result.get("subsets", {})}
+    table = Table("x 100", *columns, box=None)
+    for metric in (m for m in METRICS if m in result):
+        table.add_row(metric, *(f"{100 * s[metric]:.1f}" if metric in s else "-" for s in columns.values()))
+    table.add_row("images", *(str(s["num_images"]) for s in columns.values()), style="dim")
+    Console().print(table)
+
+
+def _vqa(command: str, predictions: Path | None, questions: Path | None, annotations: Path | None,
+         allow_missing: bool, legacy_lavis: bool, lemmatize: bool = False) -> dict:
+    from ..eval import vqa_scoring
+
+    files = {"predictions": _scoring_only(command, predictions),
+             "questions": _required(command, "--questions", questions),
+             "annotations": _required(command, "--annotations", annotations)}
+    preds, qs, anns = (read_json(files["predictions"], lines_ok=True), read_json(files["questions"]),
+                       read_json(files["annotations"]))
+    if lemmatize and isinstance(preds, list) and all(isinstance(p, dict) and isinstance(p.get("answer"), str)
+                                                     for p in preds):
+        lemmas = vqa_scoring.lemmatize([p["answer"] for p in preds])
+        preds = [{**p, "answer": lemma} for p, lemma in zip(preds, lemmas)]
+    result = _naming_files(lambda: vqa_scoring.score_vqa(preds, anns, qs, allow_missing=allow_missing,
+                                                         legacy_lavis=legacy_lavis), files)
+    if lemmatize:
+        result["notes"].append("predictions lemmatised first (spaCy en_core_web_sm nouns and verbs)")
+    return result
+
+
+@app.command("vqav2")
+def vqav2(
+    predictions: PredictionsOpt = None,
+    questions: QuestionsOpt = None,
+    annotations: AnnotationsOpt = None,
+    json_out: JsonOpt = False,
+    allow_missing: AllowMissingOpt = False,
+    legacy_lavis: LegacyOpt = False,
+) -> None:
+    """VQAv2 accuracy with the official VQA evaluation algorithm (overall, per answer and question type)."""
+    result = _vqa("vqav2", predictions, questions, annotations, allow_missing, legacy_lavis)
+    _emit(result, json_out, _render_accuracy)
+
+
+@app.command("okvqa")
+def okvqa(
+    predictions: PredictionsOpt = None,
+    questions: QuestionsOpt = None,
+    annotations: AnnotationsOpt = None,
+    json_out: JsonOpt = False,
+    allow_missing: AllowMissingOpt = False,
+    legacy_lavis: LegacyOpt = False,
+    lemmatize: Annotated[bool, typer.Option(
+        "--lemmatize", help="Lemmatise nouns and verbs of the predictions first (spaCy en_core_web_sm), as LAVIS "
+                            "does when it generates OK-VQA answers.")] = False,
+) -> None:
+    """OK-VQA accuracy: the VQA scorer on the OK-VQA question and annotation files."""
+    result = _vqa("okvqa", predictions, questions, annotations, allow_missing, legacy_lavis, lemmatize)
+    _emit(result, json_out, _render_accuracy)
+
+
+@app.command("gqa")
+def gqa(
+    predictions: PredictionsOpt = None,
+    questions: Annotated[Optional[Path], typer.Option(
+        "--questions", help="GQA questions with answers (testdev_balanced_questions.json, or LAVIS's list).")] = None,
+    json_out: JsonOpt = False,
+    allow_missing: AllowMissingOpt = False,
+) -> None:
+    """GQA accuracy: exact match after the VQA answer normalisation of both sides."""
+    from ..eval import vqa_scoring
+
+    files = {"predictions": _scoring_only("gqa", predictions), "questions": _required("gqa", "--questions", questions)}
+    preds, qs = read_json(files["predictions"], lines_ok=True), read_json(files["questions"])
+    result = _naming_files(lambda: vqa_scoring.score_gqa(preds, qs, allow_missing=allow_missing), files)
+    _emit(result, json_out, _render_accuracy)
+
+
+def _captions(command: str, predictions: Path | None, annotations: Path | None, spice: bool, allow_missing: bool,
+              subsets: Path | None = None) -> dict:
+    from ..eval import caption_scoring
+
+    files = {"predictions": _scoring_only(command, predictions),
+             "annotations": _required(command, "--annotations", annotations)}
+    preds, anns = read_json(files["predictions"], lines_ok=True), read_json(files["annotations"])
+    groups = caption_scoring.domain_subsets(anns) if command == "nocaps" else None
+    if subsets is not None:
+        groups = read_subsets(subsets)
+    return _naming_files(lambda: caption_scoring.score_captions(preds, anns, spice, subsets=groups,
+                                                                allow_missing=allow_missing), files)
+
+
+def read_subsets(path: Path) -> dict[str, set]:
+    """A JSON object: subset name -> list of image ids."""
+    data = read_json(path)
+    if not isinstance(data, dict) or not all(isinstance(ids, list) and all(isinstance(i, (int, str)) for i in ids)
+                                             for ids in data.values()):
+        raise Blip2Error(f"{path}: expected a JSON object mapping each subset name to a list of image ids")
+    return {str(name): set(ids) for name, ids in data.items()}
+
+
+@app.command("coco")
+def coco(
+    predictions: PredictionsOpt = None,
+    annotations: CaptionsOpt = None,
+    json_out: JsonOpt = False,
+    spice: SpiceOpt = True,
+    allow_missing: AllowMissingOpt = False,
+) -> None:
+    """COCO captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr and SPICE as COCOEvalCap computes them."""
+    _emit(_captions("coco", predictions, annotations, spice, allow_missing), json_out, _render_captions)
+
+
+@app.command("nocaps")
+def nocaps(
+    predictions: PredictionsOpt = None,
+    annotations: CaptionsOpt = None,
+    subsets: Annotated[Optional[Path], typer.Option(
+        "--subsets", help="JSON object: subset name -> list of image ids (default: the images' 'domain').")] = None,
+    json_out: JsonOpt = False,
+    spice: SpiceOpt = True,
+    allow_missing: AllowMissingOpt = False,
+) -> None:
+    """NoCaps captioning: the COCO metrics overall and per subset (in-, near-, out-domain)."""
+    _emit(_captions("nocaps", predictions, annotations, spice, allow_missing, subsets), json_out, _render_captions)
