@@ -211,11 +211,18 @@ def test_cli_gqa_and_json_lines(tmp_path):
     assert json.loads(result.stdout)["accuracy"] == 75.0
 
 
-@pytest.mark.parametrize("command", ["vqav2", "okvqa", "gqa", "coco", "nocaps"])
-def test_cli_without_predictions_is_not_implemented_yet(command):
-    result = invoke(command)
+REQUIRED = {"vqav2": ["--questions", "q.json", "--annotations", "a.json"],
+            "okvqa": ["--questions", "q.json", "--annotations", "a.json"], "gqa": ["--questions", "q.json"],
+            "coco": ["--annotations", "a.json"], "nocaps": ["--annotations", "a.json"]}
+
+
+@pytest.mark.parametrize("command", list(REQUIRED))
+def test_cli_needs_predictions_or_a_model(command):
+    result = invoke(command, *REQUIRED[command])
     assert isinstance(result.exception, Blip2Error)
-    assert "model-driven evaluation is not implemented yet" in str(result.exception)
+    assert "give --model (with --images) to run a model, or --predictions FILE" in str(result.exception)
+    result = invoke(command, *REQUIRED[command], "--model", "blip2-opt-2.7b")
+    assert "--model needs --images" in str(result.exception)
 
 
 def test_cli_bad_inputs_name_the_file_or_id(vqa_paths, tmp_path):

@@ -1,12 +1,15 @@
 """``blip2 eval vqav2|okvqa|gqa|coco|nocaps``: benchmark scores from the official scorers.
 
-For now every command scores existing predictions (``--predictions``); running the model is to come.
-Parsing, validation and rendering only: the scoring lives in ``blip2cli.eval``.
+Each command scores a predictions file (``--predictions``), or first runs a model over the benchmark
+(``--model`` with ``--images``), sharded over ranks under torchrun or the DeepSpeed launcher and
+resumable, into ``runs/<name>/predictions.json``. Parsing, validation and rendering only: the work
+lives in ``blip2cli.eval``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +19,7 @@ import typer
 
 from ..errors import Blip2Error
 
-app = typer.Typer(help="Evaluate on the paper's benchmarks (for now: score existing predictions with --predictions).",
+app = typer.Typer(help="Evaluate on the paper's benchmarks: run a model (--model) or score predictions (--predictions).",
                   no_args_is_help=True)
 
 PredictionsOpt = Annotated[Optional[Path], typer.Option(
@@ -33,11 +36,60 @@ LegacyOpt = Annotated[bool, typer.Option(
 SpiceOpt = Annotated[bool, typer.Option("--spice/--no-spice", help="Compute SPICE when its CoreNLP jars are present.")]
 
 
-def _scoring_only(command: str, predictions: Path | None) -> Path:
-    if predictions is None:
-        raise Blip2Error(f"eval {command}: model-driven evaluation is not implemented yet; "
-                         "score existing predictions with --predictions FILE")
-    return predictions
+ModelOpt = Annotated[Optional[str], typer.Option(help="Run this model over the benchmark (name, hub id, path).")]
+LlmOpt = Annotated[Optional[str], typer.Option(help="The LLM of a LAVIS stage-2 .pth.")]
+ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Image root of the benchmark (with --model).")]
+ItemsOpt = Annotated[Optional[Path], typer.Option(
+    "--items", help="Images to caption: a LAVIS list of {image, img_id?} (default: the references' images).")]
+RecipeOpt = Annotated[Optional[str], typer.Option(help="Prompt/decoding recipe (default: eval/<benchmark>).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: key=value.")]
+OutOpt = Annotated[Path, typer.Option(help="Directory for runs: predictions.json and metrics.json go there.")]
+NameOpt = Annotated[Optional[str], typer.Option(help="Run name (default: <benchmark>-<model>).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N (under a launcher: each rank's GPU).")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")]
+
+
+class ModelRun:
+    """What ``--model`` needs; ``None`` model means: score ``--predictions``."""
+
+    def __init__(self, model, llm, images, recipe, overrides, out, name, device, dtype, items=None):
+        self.model, self.llm, self.images, self.recipe, self.overrides = model, llm, images, recipe, overrides or []
+        self.out, self.name, self.device, self.dtype, self.items = out, name, device, dtype, items
+
+    def run_dir(self, command: str) -> Path:
+        return self.out / (self.name or f"{command}-{Path(self.model).name}")
+
+
+def _predictions(command: str, predictions: Path | None, run: ModelRun | None, make_items, key: str,
+                 field: str) -> Path | None:
+    """The predictions file to score: the given one, or one made by running ``run.model``.
+
+    Returns None on ranks other than 0, which only help to predict.
+    """
+    if predictions is not None:
+        if run is not None and run.model is not None:
+            raise Blip2Error(f"eval {command}: give --predictions or --model, not both")
+        return predictions
+    if run is None or run.model is None:
+        raise Blip2Error(f"eval {command}: give --model (with --images) to run a model, or --predictions FILE")
+    if run.images is None:
+        raise Blip2Error(f"eval {command}: --model needs --images, the benchmark's image root")
+    from ..api import load, quiet_transformers
+    from ..config import load_recipe
+    from ..eval.generation import GenerationEval, predict
+    from ..train import dist
+    from ..train.loop import init_distributed
+
+    device = run.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dev = init_distributed(with_deepspeed=False)
+        device = str(dev) if dev.type == "cuda" else run.device
+    quiet_transformers()
+    settings = load_recipe(GenerationEval, run.recipe or f"eval/{command}", run.overrides)
+    items = make_items()
+    model = load(run.model, device=device, dtype=run.dtype, llm=run.llm)
+    path = predict(model, items, settings, run.run_dir(command), key, field)
+    return path if dist.rank() == 0 else None
 
 
 def _required(command: str, option: str, path: Path | None) -> Path:
@@ -119,12 +171,17 @@ def _render_captions(result: dict) -> None:
 
 
 def _vqa(command: str, predictions: Path | None, questions: Path | None, annotations: Path | None,
-         allow_missing: bool, legacy_lavis: bool, lemmatize: bool = False) -> dict:
+         allow_missing: bool, legacy_lavis: bool, lemmatize: bool = False, run: ModelRun | None = None) -> dict | None:
     from ..eval import vqa_scoring
+    from ..eval.data import vqa_items
 
-    files = {"predictions": _scoring_only(command, predictions),
-             "questions": _required(command, "--questions", questions),
-             "annotations": _required(command, "--annotations", annotations)}
+    questions = _required(command, "--questions", questions)
+    annotations = _required(command, "--annotations", annotations)
+    predictions = _predictions(command, predictions, run, lambda: vqa_items(questions, run.images),
+                               "question_id", "answer")
+    if predictions is None:
+        return None
+    files = {"predictions": predictions, "questions": questions, "annotations": annotations}
     preds, qs, anns = (read_json(files["predictions"], lines_ok=True), read_json(files["questions"]),
                        read_json(files["annotations"]))
     if lemmatize and isinstance(preds, list) and all(isinstance(p, dict) and isinstance(p.get("answer"), str)
@@ -138,6 +195,16 @@ def _vqa(command: str, predictions: Path | None, questions: Path | None, annotat
     return result
 
 
+def _finish(result: dict | None, run: ModelRun | None, command: str, json_out: bool, render) -> None:
+    if result is None:
+        return  # a helper rank
+    if run is not None and run.model is not None:
+        out = run.run_dir(command) / "metrics.json"
+        out.write_text(json.dumps(result, indent=2))
+        print(f"predictions and metrics: {out.parent}", file=sys.stderr)
+    _emit(result, json_out, render)
+
+
 @app.command("vqav2")
 def vqav2(
     predictions: PredictionsOpt = None,
@@ -146,10 +213,14 @@ def vqav2(
     json_out: JsonOpt = False,
     allow_missing: AllowMissingOpt = False,
     legacy_lavis: LegacyOpt = False,
+    model: ModelOpt = None, llm: LlmOpt = None, images: ImagesOpt = None, recipe: RecipeOpt = None,
+    set_: SetOpt = None, out: OutOpt = Path("runs"), name: NameOpt = None, device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """VQAv2 accuracy with the official VQA evaluation algorithm (overall, per answer and question type)."""
-    result = _vqa("vqav2", predictions, questions, annotations, allow_missing, legacy_lavis)
-    _emit(result, json_out, _render_accuracy)
+    run = ModelRun(model, llm, images, recipe, set_, out, name, device, dtype)
+    result = _vqa("vqav2", predictions, questions, annotations, allow_missing, legacy_lavis, run=run)
+    _finish(result, run, "vqav2", json_out, _render_accuracy)
 
 
 @app.command("okvqa")
@@ -163,10 +234,14 @@ def okvqa(
     lemmatize: Annotated[bool, typer.Option(
         "--lemmatize", help="Lemmatise nouns and verbs of the predictions first (spaCy en_core_web_sm), as LAVIS "
                             "does when it generates OK-VQA answers.")] = False,
+    model: ModelOpt = None, llm: LlmOpt = None, images: ImagesOpt = None, recipe: RecipeOpt = None,
+    set_: SetOpt = None, out: OutOpt = Path("runs"), name: NameOpt = None, device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """OK-VQA accuracy: the VQA scorer on the OK-VQA question and annotation files."""
-    result = _vqa("okvqa", predictions, questions, annotations, allow_missing, legacy_lavis, lemmatize)
-    _emit(result, json_out, _render_accuracy)
+    run = ModelRun(model, llm, images, recipe, set_, out, name, device, dtype)
+    result = _vqa("okvqa", predictions, questions, annotations, allow_missing, legacy_lavis, lemmatize, run=run)
+    _finish(result, run, "okvqa", json_out, _render_accuracy)
 
 
 @app.command("gqa")
@@ -176,22 +251,37 @@ def gqa(
         "--questions", help="GQA questions with answers (testdev_balanced_questions.json, or LAVIS's list).")] = None,
     json_out: JsonOpt = False,
     allow_missing: AllowMissingOpt = False,
+    model: ModelOpt = None, llm: LlmOpt = None, images: ImagesOpt = None, recipe: RecipeOpt = None,
+    set_: SetOpt = None, out: OutOpt = Path("runs"), name: NameOpt = None, device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """GQA accuracy: exact match after the VQA answer normalisation of both sides."""
     from ..eval import vqa_scoring
+    from ..eval.data import gqa_items
 
-    files = {"predictions": _scoring_only("gqa", predictions), "questions": _required("gqa", "--questions", questions)}
+    run = ModelRun(model, llm, images, recipe, set_, out, name, device, dtype)
+    questions = _required("gqa", "--questions", questions)
+    predictions = _predictions("gqa", predictions, run, lambda: gqa_items(questions, run.images), "question_id",
+                               "answer")
+    if predictions is None:
+        return
+    files = {"predictions": predictions, "questions": questions}
     preds, qs = read_json(files["predictions"], lines_ok=True), read_json(files["questions"])
     result = _naming_files(lambda: vqa_scoring.score_gqa(preds, qs, allow_missing=allow_missing), files)
-    _emit(result, json_out, _render_accuracy)
+    _finish(result, run, "gqa", json_out, _render_accuracy)
 
 
 def _captions(command: str, predictions: Path | None, annotations: Path | None, spice: bool, allow_missing: bool,
-              subsets: Path | None = None) -> dict:
+              subsets: Path | None = None, run: ModelRun | None = None) -> dict | None:
     from ..eval import caption_scoring
+    from ..eval.data import caption_items
 
-    files = {"predictions": _scoring_only(command, predictions),
-             "annotations": _required(command, "--annotations", annotations)}
+    annotations = _required(command, "--annotations", annotations)
+    predictions = _predictions(command, predictions, run,
+                               lambda: caption_items(annotations, run.images, run.items), "image_id", "caption")
+    if predictions is None:
+        return None
+    files = {"predictions": predictions, "annotations": annotations}
     preds, anns = read_json(files["predictions"], lines_ok=True), read_json(files["annotations"])
     groups = caption_scoring.domain_subsets(anns) if command == "nocaps" else None
     if subsets is not None:
@@ -216,9 +306,14 @@ def coco(
     json_out: JsonOpt = False,
     spice: SpiceOpt = True,
     allow_missing: AllowMissingOpt = False,
+    model: ModelOpt = None, llm: LlmOpt = None, images: ImagesOpt = None, items: ItemsOpt = None,
+    recipe: RecipeOpt = None, set_: SetOpt = None, out: OutOpt = Path("runs"), name: NameOpt = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
 ) -> None:
     """COCO captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr and SPICE as COCOEvalCap computes them."""
-    _emit(_captions("coco", predictions, annotations, spice, allow_missing), json_out, _render_captions)
+    run = ModelRun(model, llm, images, recipe, set_, out, name, device, dtype, items)
+    result = _captions("coco", predictions, annotations, spice, allow_missing, run=run)
+    _finish(result, run, "coco", json_out, _render_captions)
 
 
 @app.command("nocaps")
@@ -230,6 +325,11 @@ def nocaps(
     json_out: JsonOpt = False,
     spice: SpiceOpt = True,
     allow_missing: AllowMissingOpt = False,
+    model: ModelOpt = None, llm: LlmOpt = None, images: ImagesOpt = None, items: ItemsOpt = None,
+    recipe: RecipeOpt = None, set_: SetOpt = None, out: OutOpt = Path("runs"), name: NameOpt = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
 ) -> None:
     """NoCaps captioning: the COCO metrics overall and per subset (in-, near-, out-domain)."""
-    _emit(_captions("nocaps", predictions, annotations, spice, allow_missing, subsets), json_out, _render_captions)
+    run = ModelRun(model, llm, images, recipe, set_, out, name, device, dtype, items)
+    result = _captions("nocaps", predictions, annotations, spice, allow_missing, subsets, run=run)
+    _finish(result, run, "nocaps", json_out, _render_captions)

@@ -23,13 +23,19 @@ from .recipe import PretrainRecipe
 from .schedule import lr_at
 
 
-def init_distributed() -> torch.device:
-    """Join the process group when launched by DeepSpeed or torchrun; a plain process stays alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_distributed():
-        import deepspeed
+def init_distributed(with_deepspeed: bool = True) -> torch.device:
+    """Join the process group when launched by DeepSpeed or torchrun; a plain process stays alone.
 
+    Without ``with_deepspeed`` the group is torch's own (no DeepSpeed logging on stdout).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_distributed():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+        if with_deepspeed:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend)
+        else:
+            torch.distributed.init_process_group(backend, init_method="env://")
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

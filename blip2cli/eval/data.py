@@ -1,0 +1,82 @@
+"""Benchmark inputs from the official and LAVIS annotation files: what to run the model on."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import Blip2Error
+from .runner import Item
+
+COCO_FILE = "COCO_{split}_{id:012d}.jpg"
+
+
+def read_json(path: Path, what: str, where_to_get: str = "") -> Any:
+    if not path.is_file():
+        hint = f"; {where_to_get}" if where_to_get else ""
+        raise Blip2Error(f"{what} not found: {path}{hint}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Blip2Error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+
+
+def _image(root: Path, name: str) -> Path:
+    return root / name
+
+
+def vqa_items(questions: Path, image_root: Path, coco_split: str = "val2014") -> list[Item]:
+    """VQA questions: the official ``{"questions": [{image_id, question, question_id}]}`` file (COCO
+    file names under ``image_root``/``coco_split``) or a LAVIS list ``[{image, question, question_id}]``."""
+    data = read_json(questions, "questions file", "the official VQA files are at visualqa.org/download.html")
+    if isinstance(data, dict) and "questions" in data:
+        return [Item(q["question_id"], _image(image_root, f"{coco_split}/" + COCO_FILE.format(split=coco_split,
+                                                                                          id=q["image_id"])),
+                     q["question"]) for q in data["questions"]]
+    if isinstance(data, list) and all(isinstance(q, dict) and {"image", "question", "question_id"} <= set(q)
+                                      for q in data):
+        return [Item(q["question_id"], _image(image_root, q["image"]), q["question"]) for q in data]
+    raise Blip2Error(f"{questions}: expected the official VQA questions file or a list of "
+                     "{image, question, question_id}")
+
+
+def gqa_items(questions: Path, image_root: Path) -> list[Item]:
+    """GQA questions: the official ``{id: {imageId, question, answer}}`` file or a LAVIS list."""
+    data = read_json(questions, "GQA questions file", "download testdev_balanced_questions.json from the GQA site")
+    if isinstance(data, dict):
+        return [Item(qid, _image(image_root, f"{q['imageId']}.jpg"), q["question"]) for qid, q in data.items()]
+    if isinstance(data, list):
+        return [Item(q["question_id"], _image(image_root, q["image"]), q["question"]) for q in data]
+    raise Blip2Error(f"{questions}: expected GQA questions as a mapping or a list")
+
+
+def _coco_id(name: str) -> int:
+    """LAVIS derives COCO image ids from file names: ``.../COCO_val2014_000000391895.jpg`` -> 391895."""
+    match = re.search(r"_(\d+)\.\w+$", name)
+    if match is None:
+        raise Blip2Error(f"cannot read a COCO image id from {name!r}")
+    return int(match.group(1))
+
+
+def caption_items(annotations: Path, image_root: Path, items_file: Path | None = None) -> list[Item]:
+    """Images to caption: from ``items_file`` (a LAVIS list of ``{image, img_id?}``, e.g. the Karpathy
+    test split or nocaps_val.json) or else from the reference file's ``images`` (``id``, ``file_name``)."""
+    if items_file is not None:
+        data = read_json(items_file, "image list")
+        if not isinstance(data, list):
+            raise Blip2Error(f"{items_file}: expected a list of {{image, ...}}")
+        seen, items = set(), []
+        for entry in data:
+            image_id = entry.get("img_id", entry.get("image_id"))
+            image_id = _coco_id(entry["image"]) if image_id is None or isinstance(image_id, str) else image_id
+            if image_id not in seen:
+                seen.add(image_id)
+                items.append(Item(image_id, _image(image_root, entry["image"])))
+        return items
+    data = read_json(annotations, "reference captions file")
+    images = data.get("images") if isinstance(data, dict) else None
+    if not images or not all("file_name" in im for im in images):
+        raise Blip2Error(f"{annotations}: its images have no file_name; give the image list with --items")
+    return [Item(im["id"], _image(image_root, im["file_name"])) for im in images]
