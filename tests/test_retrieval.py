@@ -1,0 +1,70 @@
+"""Retrieval: the k re-ranking path against a brute-force ITM ranking of every pair."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import blip2cli
+from blip2cli.eval.retrieval import recall_metrics, retrieval_scores
+
+TEXTS = ["a red circle on a table", "two dogs are playing", "a yellow car parked", "the man riding a horse",
+         "a green square", "a blue triangle next to a square", "what colour is the sky", "a photo of a cat",
+         "a picture of the beach at sunset", "two dogs in the park with a ball"]
+
+
+@pytest.fixture(scope="module")
+def setup(hf_itm, image_files):
+    model = blip2cli.load(str(hf_itm), device="cpu", dtype="float32")
+    images = [str(p) for p in image_files[:5]]
+    img2txt = [[2 * i, 2 * i + 1] for i in range(5)]
+    txt2img = [t // 2 for t in range(10)]
+    return model, images, img2txt, txt2img
+
+
+def brute_force(model, images):
+    """Every pair through ITM (mean class-1 logit) plus ITC, computed pair by pair."""
+    net = model._stage1()
+    itc = model.itc(images, TEXTS)
+    enc = model.checkpoint.qformer_tokenizer(TEXTS, padding="max_length", truncation=True, max_length=35,
+                                             return_tensors="pt")
+    full = torch.zeros(len(images), len(TEXTS))
+    with torch.no_grad():
+        for i, image in enumerate(images):
+            embeds = model._image_embeds([image])
+            for t in range(len(TEXTS)):
+                full[i, t] = net.itm_logits(embeds, enc.input_ids[t:t + 1], enc.attention_mask[t:t + 1])[0, 1]
+    return full + itc, itc
+
+
+def test_reranking_with_k_covering_everything_equals_brute_force(setup):
+    model, images, img2txt, txt2img = setup
+    scores = retrieval_scores(model, images, TEXTS, k=128, batch_size=2, itm_batch=7)
+    full, itc = brute_force(model, images)
+    for i in range(len(images)):
+        assert scores.image_ranking(i) == full[i].argsort(descending=True).tolist()
+    for t in range(len(TEXTS)):
+        assert scores.text_ranking(t) == full[:, t].argsort(descending=True).tolist()
+    # ... and re-ranking matters: ITM moves texts against the ITC order somewhere
+    assert any(scores.image_ranking(i) != itc[i].argsort(descending=True).tolist() for i in range(len(images)))
+    brute = recall_metrics(_dense(full), img2txt, txt2img)
+    assert recall_metrics(scores, img2txt, txt2img) == brute
+
+
+def _dense(full):
+    from blip2cli.eval.retrieval import RetrievalScores
+
+    n, t = full.shape
+    return RetrievalScores(torch.arange(t).expand(n, t), full, torch.arange(n).expand(t, n), full.T)
+
+
+def test_small_k_keeps_the_itc_top_k(setup):
+    model, images, img2txt, txt2img = setup
+    scores = retrieval_scores(model, images, TEXTS, k=3, batch_size=2)
+    itc = model.itc(images, TEXTS)
+    for i in range(len(images)):
+        assert set(scores.image_ranking(i)) == set(itc[i].topk(3).indices.tolist())
+    for t in range(len(TEXTS)):
+        assert set(scores.text_ranking(t)) == set(itc[:, t].topk(3).indices.tolist())
+    metrics = recall_metrics(scores, img2txt, txt2img)
+    assert set(metrics) >= {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"}
