@@ -68,3 +68,23 @@ def test_small_k_keeps_the_itc_top_k(setup):
         assert set(scores.text_ranking(t)) == set(itc[:, t].topk(3).indices.tolist())
     metrics = recall_metrics(scores, img2txt, txt2img)
     assert set(metrics) >= {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"}
+
+
+def test_flickr30k_command(setup, hf_itm, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, images, img2txt, _ = setup
+    split = [{"image": Path(images[i]).name, "caption": [TEXTS[t] for t in img2txt[i]]} for i in range(5)]
+    (tmp_path / "test.json").write_text(json.dumps(split))
+    blip2 = str(Path(sys.executable).with_name("blip2"))
+    proc = subprocess.run([blip2, "eval", "flickr30k", "--model", str(hf_itm), "--images", str(Path(images[0]).parent),
+                           "--annotations", "test.json", "--k", "4", "--json", "--device", "cpu", "--name", "f"],
+                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["num_images"] == 5 and result["num_texts"] == 10 and result["k"] == 4
+    assert json.loads((tmp_path / "runs" / "f" / "metrics.json").read_text())["txt_r1"] == result["txt_r1"]

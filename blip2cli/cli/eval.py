@@ -333,3 +333,73 @@ def nocaps(
     run = ModelRun(model, llm, images, recipe, set_, out, name, device, dtype, items)
     result = _captions("nocaps", predictions, annotations, spice, allow_missing, subsets, run=run)
     _finish(result, run, "nocaps", json_out, _render_captions)
+
+
+def _retrieval(command: str, annotations: Path | None, run: ModelRun, k: int, batch_size: int, json_out: bool) -> None:
+    from ..api import load, quiet_transformers
+    from ..eval.data import retrieval_items
+    from ..eval.retrieval import recall_metrics, retrieval_scores
+    from ..train import dist
+    from ..train.loop import init_distributed
+
+    annotations = _required(command, "--annotations", annotations)
+    if run.model is None or run.images is None:
+        raise Blip2Error(f"eval {command}: give --model (an ITM checkpoint, e.g. blip2-itm-vit-g-coco) and --images")
+    images, texts, img2txt, txt2img = retrieval_items(annotations, run.images)
+    missing = next((p for p in images if not p.exists()), None)
+    if missing is not None:
+        raise Blip2Error(f"{missing}: no such image (check --images)")
+    device = run.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dev = init_distributed(with_deepspeed=False)
+        device = str(dev) if dev.type == "cuda" else run.device
+    quiet_transformers()
+    model = load(run.model, device=device, dtype=run.dtype, llm=run.llm)
+    scores = retrieval_scores(model, images, texts, k=k, batch_size=batch_size)
+    if dist.rank() != 0:
+        return
+    result = {**recall_metrics(scores, img2txt, txt2img), "k": k, "num_images": len(images), "num_texts": len(texts)}
+    out = run.run_dir(command)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    print(f"metrics: {out / 'metrics.json'}", file=sys.stderr)
+    _emit({**result, "notes": []}, json_out, _render_recall)
+
+
+def _render_recall(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("", "R@1", "R@5", "R@10", box=None, title=f"{result['num_images']} images, {result['num_texts']} texts, "
+                  f"k={result['k']}", title_justify="left")
+    table.add_row("text retrieval (TR)", *(f"{result[f'txt_r{n}']:.1f}" for n in (1, 5, 10)))
+    table.add_row("image retrieval (IR)", *(f"{result[f'img_r{n}']:.1f}" for n in (1, 5, 10)))
+    Console().print(table)
+
+
+KOpt = Annotated[int, typer.Option("--k", min=1, help="Candidates re-ranked by ITM per image and per text.")]
+RetrievalBatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per ViT pass.")]
+RetrievalAnnOpt = Annotated[Optional[Path], typer.Option(
+    "--annotations", help="LAVIS retrieval split: a list of {image, caption: [...]}.")]
+
+
+@app.command("flickr30k")
+def flickr30k(
+    annotations: RetrievalAnnOpt = None, model: ModelOpt = None, images: ImagesOpt = None, k: KOpt = 128,
+    batch_size: RetrievalBatchOpt = 32, json_out: JsonOpt = False, out: OutOpt = Path("runs"),
+    name: NameOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+) -> None:
+    """Flickr30K 1K-test retrieval: ITC for all pairs, top k re-ranked by ITM; TR@1/5/10 and IR@1/5/10."""
+    _retrieval("flickr30k", annotations, ModelRun(model, None, images, None, None, out, name, device, dtype), k,
+               batch_size, json_out)
+
+
+@app.command("coco-retrieval")
+def coco_retrieval(
+    annotations: RetrievalAnnOpt = None, model: ModelOpt = None, images: ImagesOpt = None, k: KOpt = 128,
+    batch_size: RetrievalBatchOpt = 32, json_out: JsonOpt = False, out: OutOpt = Path("runs"),
+    name: NameOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+) -> None:
+    """COCO 5K-test retrieval (Karpathy split): as flickr30k."""
+    _retrieval("coco-retrieval", annotations, ModelRun(model, None, images, None, None, out, name, device, dtype), k,
+               batch_size, json_out)

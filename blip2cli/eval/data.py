@@ -80,3 +80,23 @@ def caption_items(annotations: Path, image_root: Path, items_file: Path | None =
     if not images or not all("file_name" in im for im in images):
         raise Blip2Error(f"{annotations}: its images have no file_name; give the image list with --items")
     return [Item(im["id"], _image(image_root, im["file_name"])) for im in images]
+
+
+def retrieval_items(annotations: Path, image_root: Path, max_words: int = 50):
+    """A LAVIS retrieval split (``[{image, caption: [..]}]``, e.g. flickr30k_test.json,
+    coco_karpathy_test.json): image paths, cleaned texts, and the ground truth in both directions."""
+    from ..data.text import pre_caption
+
+    data = read_json(annotations, "retrieval annotation file",
+                     "LAVIS's flickr30k_test.json / coco_karpathy_test.json list each image with its captions")
+    if not isinstance(data, list) or not all(isinstance(d, dict) and "image" in d and "caption" in d for d in data):
+        raise Blip2Error(f"{annotations}: expected a list of {{image, caption: [...]}}")
+    images, texts, img2txt, txt2img = [], [], [], []
+    for i, entry in enumerate(data):
+        images.append(image_root / entry["image"])
+        captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+        img2txt.append(list(range(len(texts), len(texts) + len(captions))))
+        for caption in captions:
+            texts.append(pre_caption(caption, max_words))
+            txt2img.append(i)
+    return images, texts, img2txt, txt2img
