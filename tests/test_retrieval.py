@@ -88,3 +88,31 @@ def test_flickr30k_command(setup, hf_itm, tmp_path):
     result = json.loads(proc.stdout)
     assert result["num_images"] == 5 and result["num_texts"] == 10 and result["k"] == 4
     assert json.loads((tmp_path / "runs" / "f" / "metrics.json").read_text())["txt_r1"] == result["txt_r1"]
+
+
+@pytest.mark.distributed
+def test_two_ranks_give_the_same_retrieval_metrics(setup, hf_itm, tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, images, img2txt, _ = setup
+    split = [{"image": Path(images[i]).name, "caption": [TEXTS[t] for t in img2txt[i]]} for i in range(5)]
+    (tmp_path / "test.json").write_text(json.dumps(split))
+    exe = Path(sys.executable)
+    args = [str(exe.with_name("blip2")), "eval", "flickr30k", "--model", str(hf_itm), "--images",
+            str(Path(images[0]).parent), "--annotations", "test.json", "--k", "3", "--json", "--device", "cpu",
+            "--batch-size", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([*args, "--name", "one"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = subprocess.run([str(exe.with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port), *args,
+                          "--name", "two"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert json.loads(two.stdout) == json.loads(one.stdout)
