@@ -59,6 +59,18 @@ class ModelRun:
     def run_dir(self, command: str) -> Path:
         return self.out / (self.name or f"{command}-{Path(self.model).name}")
 
+    def load(self):
+        """The model, on this rank's GPU when a launcher started several ranks."""
+        from ..api import load, quiet_transformers
+        from ..train.loop import init_distributed
+
+        device = self.device
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dev = init_distributed(with_deepspeed=False)
+            device = str(dev) if dev.type == "cuda" else self.device
+        quiet_transformers()
+        return load(self.model, device=device, dtype=self.dtype, llm=self.llm)
+
 
 def _predictions(command: str, predictions: Path | None, run: ModelRun | None, make_items, key: str,
                  field: str) -> Path | None:
@@ -74,21 +86,13 @@ def _predictions(command: str, predictions: Path | None, run: ModelRun | None, m
         raise Blip2Error(f"eval {command}: give --model (with --images) to run a model, or --predictions FILE")
     if run.images is None:
         raise Blip2Error(f"eval {command}: --model needs --images, the benchmark's image root")
-    from ..api import load, quiet_transformers
     from ..config import load_recipe
     from ..eval.generation import GenerationEval, predict
     from ..train import dist
-    from ..train.loop import init_distributed
 
-    device = run.device
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dev = init_distributed(with_deepspeed=False)
-        device = str(dev) if dev.type == "cuda" else run.device
-    quiet_transformers()
     settings = load_recipe(GenerationEval, run.recipe or f"eval/{command}", run.overrides)
     items = make_items()
-    model = load(run.model, device=device, dtype=run.dtype, llm=run.llm)
-    path = predict(model, items, settings, run.run_dir(command), key, field)
+    path = predict(run.load(), items, settings, run.run_dir(command), key, field)
     return path if dist.rank() == 0 else None
 
 
@@ -336,26 +340,16 @@ def nocaps(
 
 
 def _retrieval(command: str, annotations: Path | None, run: ModelRun, k: int, batch_size: int, json_out: bool) -> None:
-    from ..api import load, quiet_transformers
-    from ..eval.data import retrieval_items
+    from ..eval.data import check_images, retrieval_items
     from ..eval.retrieval import recall_metrics, retrieval_scores
     from ..train import dist
-    from ..train.loop import init_distributed
 
     annotations = _required(command, "--annotations", annotations)
     if run.model is None or run.images is None:
         raise Blip2Error(f"eval {command}: give --model (an ITM checkpoint, e.g. blip2-itm-vit-g-coco) and --images")
     images, texts, img2txt, txt2img = retrieval_items(annotations, run.images)
-    missing = next((p for p in images if not p.exists()), None)
-    if missing is not None:
-        raise Blip2Error(f"{missing}: no such image (check --images)")
-    device = run.device
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dev = init_distributed(with_deepspeed=False)
-        device = str(dev) if dev.type == "cuda" else run.device
-    quiet_transformers()
-    model = load(run.model, device=device, dtype=run.dtype, llm=run.llm)
-    scores = retrieval_scores(model, images, texts, k=k, batch_size=batch_size)
+    check_images(images)
+    scores = retrieval_scores(run.load(), images, texts, k=k, batch_size=batch_size)
     if dist.rank() != 0:
         return
     result = {**recall_metrics(scores, img2txt, txt2img), "k": k, "num_images": len(images), "num_texts": len(texts)}

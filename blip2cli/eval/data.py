@@ -23,6 +23,13 @@ def read_json(path: Path, what: str, where_to_get: str = "") -> Any:
         raise Blip2Error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
 
 
+def check_images(paths) -> None:
+    """Every benchmark image must exist: the first missing one is a one-line error."""
+    missing = next((p for p in paths if not Path(p).exists()), None)
+    if missing is not None:
+        raise Blip2Error(f"{missing}: no such image (check --images)")
+
+
 def _image(root: Path, name: str) -> Path:
     return root / name
 

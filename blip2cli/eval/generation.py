@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Blip2Error
+from .data import check_images
 from .runner import Item, run_sharded
 
 
@@ -32,9 +33,7 @@ def predict(model, items: list[Item], settings: GenerationEval, out: Path, key: 
 
     if not model.can_generate:
         raise Blip2Error(f"{model.checkpoint.source} cannot generate text: VQA and captioning need a model with an LLM")
-    missing = next((it.image for it in items if not it.image.exists()), None)
-    if missing is not None:
-        raise Blip2Error(f"{missing}: no such image (check --images)")
+    check_images([it.image for it in items])
     decoder_only = not model.net.language_model.is_encoder_decoder
     template = settings.prompt if settings.prompt is not None else model.defaults.prompt
     decoding: dict[str, Any] = dict(
