@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -139,3 +140,51 @@ def test_missing_image_and_annotation_files_are_one_line_errors(vqa, hf_opt):
                "--annotations", "a.json", cwd=tmp)
     assert proc.returncode == 2 and "questions file not found" in proc.stderr and "visualqa.org" in proc.stderr
     assert torch.__version__  # the library imports cleanly alongside the CLI
+
+
+def test_gqa_run_from_the_official_questions_file(tmp_path, hf_opt):
+    root = tmp_path / "gqa"
+    root.mkdir()
+    for n in ("n1", "n2"):
+        tiny.draw_image(len(n) + ord(n[1])).save(root / f"{n}.jpg")
+    questions = {"q1": {"imageId": "n1", "question": "what is on the table?", "answer": "zebra"},
+                 "q2": {"imageId": "n2", "question": "is it a circle?", "answer": "zebra"}}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    proc = run("eval", "gqa", "--model", str(hf_opt), "--images", str(root), "--questions", "q.json", "--name", "g",
+               "--json", "--device", "cpu", *SMALL, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    preds = json.loads((tmp_path / "runs" / "g" / "predictions.json").read_text())
+    assert [p["question_id"] for p in preds] == ["q1", "q2"]
+    expected = 100.0 * sum(p["answer"] == "zebra" for p in preds) / 2
+    assert json.loads(proc.stdout)["accuracy"] == expected
+
+
+def test_nocaps_run_with_a_lavis_image_list_and_domains(tmp_path, hf_t5):
+    root = tmp_path / "nocaps"
+    root.mkdir()
+    items, images, annotations = [], [], []
+    for i, domain in enumerate(["in-domain", "near-domain", "out-domain"]):
+        tiny.draw_image(i).save(root / f"{i}.jpg")
+        items.append({"image": f"{i}.jpg", "img_id": i})
+        images.append({"id": i, "file_name": f"{i}.jpg", "domain": domain})
+        annotations += [{"image_id": i, "id": 2 * i + k, "caption": c} for k, c in enumerate(["a cat", "two dogs"])]
+    (tmp_path / "items.json").write_text(json.dumps(items))
+    (tmp_path / "gt.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    proc = run("eval", "nocaps", "--model", str(hf_t5), "--images", str(root), "--items", "items.json",
+               "--annotations", "gt.json", "--name", "n", "--json", "--no-spice", "--device", "cpu",
+               "--set", "max_new_tokens=3", "--set", "min_new_tokens=1", "--set", "num_beams=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert set(result["subsets"]) == {"in-domain", "near-domain", "out-domain"}
+    assert all(s["num_images"] == 1 for s in result["subsets"].values())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("spacy") is not None,
+                    reason="spaCy is installed: this test watches the lemmatiser being asked for without it")
+def test_okvqa_recipe_switches_the_lemmatiser_on(vqa, hf_opt):
+    tmp, root, _ = vqa
+    proc = run("eval", "okvqa", "--model", str(hf_opt), "--images", str(root), "--questions", "q.json",
+               "--annotations", "a.json", "--name", "ok", "--device", "cpu", *SMALL, "--set", "lemmatize=true",
+               cwd=tmp)
+    assert proc.returncode == 2 and "spacy" in proc.stderr.lower() and proc.stderr.count("\n") == 1
+    assert (tmp / "runs" / "ok" / "predictions.json").exists()  # the answers were kept for a later scoring

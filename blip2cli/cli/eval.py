@@ -59,6 +59,13 @@ class ModelRun:
     def run_dir(self, command: str) -> Path:
         return self.out / (self.name or f"{command}-{Path(self.model).name}")
 
+    def settings(self, command: str):
+        """The benchmark's prompt and decoding recipe, with ``--set`` overrides."""
+        from ..config import load_recipe
+        from ..eval.generation import GenerationEval
+
+        return load_recipe(GenerationEval, self.recipe or f"eval/{command}", self.overrides)
+
     def load(self):
         """The model, on this rank's GPU when a launcher started several ranks."""
         from ..api import load, quiet_transformers
@@ -86,11 +93,10 @@ def _predictions(command: str, predictions: Path | None, run: ModelRun | None, m
         raise Blip2Error(f"eval {command}: give --model (with --images) to run a model, or --predictions FILE")
     if run.images is None:
         raise Blip2Error(f"eval {command}: --model needs --images, the benchmark's image root")
-    from ..config import load_recipe
-    from ..eval.generation import GenerationEval, predict
+    from ..eval.generation import predict
     from ..train import dist
 
-    settings = load_recipe(GenerationEval, run.recipe or f"eval/{command}", run.overrides)
+    settings = run.settings(command)
     items = make_items()
     path = predict(run.load(), items, settings, run.run_dir(command), key, field)
     return path if dist.rank() == 0 else None
@@ -185,6 +191,8 @@ def _vqa(command: str, predictions: Path | None, questions: Path | None, annotat
                                "question_id", "answer")
     if predictions is None:
         return None
+    if run is not None and run.model is not None:
+        lemmatize = lemmatize or run.settings(command).lemmatize
     files = {"predictions": predictions, "questions": questions, "annotations": annotations}
     preds, qs, anns = (read_json(files["predictions"], lines_ok=True), read_json(files["questions"]),
                        read_json(files["annotations"]))

@@ -23,6 +23,7 @@ class GenerationEval:
     decoder_only_length_penalty: float = 1.0  # decoder-only LLMs (LAVIS uses other defaults for OPT)
     repetition_penalty: float = 1.0
     batch_size: int = 16
+    lemmatize: bool = False  # OK-VQA: lemmatise answers before scoring (LAVIS, spaCy en_core_web_sm)
 
 
 def predict(model, items: list[Item], settings: GenerationEval, out: Path, key: str, field: str,
