@@ -111,7 +111,7 @@ def test_pretrain_under_torchrun(tmp_path):
     blip2 = str(Path(sys.executable).with_name("blip2"))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), blip2, "pretrain",
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", blip2, "pretrain",
                            "stage1", "--recipe", "tiny", "--out", "runs", "--name", "tr", "--set", "train.steps=2"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

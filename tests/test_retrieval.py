@@ -94,7 +94,6 @@ def test_flickr30k_command(setup, hf_itm, tmp_path):
 def test_two_ranks_give_the_same_retrieval_metrics(setup, hf_itm, tmp_path):
     import json
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -109,10 +108,40 @@ def test_two_ranks_give_the_same_retrieval_metrics(setup, hf_itm, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     one = subprocess.run([*args, "--name", "one"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    two = subprocess.run([str(exe.with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port), *args,
+    two = subprocess.run([str(exe.with_name("torchrun")), "--standalone", "--nproc_per_node", "2", *args,
                           "--name", "two"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-2000:]
     assert json.loads(two.stdout) == json.loads(one.stdout)
+
+
+def test_a_killed_retrieval_continues_without_recomputing(setup, tmp_path):
+    model, images, _, _ = setup
+    net = model._stage1()
+    straight = retrieval_scores(model, images, TEXTS, k=4, batch_size=2)
+    calls = []
+    original = net.itm_logits
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while scoring the second image batch
+        return original(*args, **kwargs)
+
+    net.itm_logits = failing
+    with pytest.raises(KeyboardInterrupt):
+        retrieval_scores(model, images, TEXTS, k=4, batch_size=2, itm_batch=1000, work_dir=tmp_path)
+    assert (tmp_path / "itc.pt").exists() and (tmp_path / "itm.rank000.pt").exists()
+    net.itm_logits = lambda *a, **k: calls.append(1) or original(*a, **k)
+    embeds = []
+    original_embeds = model._image_embeds
+    model._image_embeds = lambda imgs: embeds.append(len(imgs)) or original_embeds(imgs)
+    calls.clear()
+    try:
+        again = retrieval_scores(model, images, TEXTS, k=4, batch_size=2, itm_batch=1000, work_dir=tmp_path)
+    finally:
+        net.itm_logits, model._image_embeds = original, original_embeds
+    assert sum(embeds) == 3  # only the image batches not yet scored: ITC came from the cache
+    assert len(calls) == 2  # one ITM call per remaining batch (batches of 2, 2 and 1 images; one was done)
+    for a, b in ((again.i2t_score, straight.i2t_score), (again.t2i_score, straight.t2i_score)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert torch.equal(again.i2t_index, straight.i2t_index) and torch.equal(again.t2i_index, straight.t2i_index)

@@ -357,7 +357,7 @@ def _retrieval(command: str, annotations: Path | None, run: ModelRun, k: int, ba
         raise Blip2Error(f"eval {command}: give --model (an ITM checkpoint, e.g. blip2-itm-vit-g-coco) and --images")
     images, texts, img2txt, txt2img = retrieval_items(annotations, run.images)
     check_images(images)
-    scores = retrieval_scores(run.load(), images, texts, k=k, batch_size=batch_size)
+    scores = retrieval_scores(run.load(), images, texts, k=k, batch_size=batch_size, work_dir=run.run_dir(command))
     if dist.rank() != 0:
         return
     result = {**recall_metrics(scores, img2txt, txt2img), "k": k, "num_images": len(images), "num_texts": len(texts)}

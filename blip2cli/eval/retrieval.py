@@ -42,11 +42,21 @@ def _merge_topk(values: torch.Tensor, index: torch.Tensor, new_values: torch.Ten
     return top.values, both_i.gather(1, top.indices)
 
 
+def _save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 @torch.inference_mode()
 def retrieval_scores(model, images: Sequence[str | Path], texts: Sequence[str], k: int = 128,
                      batch_size: int = 32, text_batch: int = 256, max_length: int = 35,
-                     itm_batch: int = 128) -> RetrievalScores:
-    """Re-ranked top-k lists in both directions; images are split over the ranks of a process group."""
+                     itm_batch: int = 128, work_dir: Path | None = None) -> RetrievalScores:
+    """Re-ranked top-k lists in both directions; images are split over the ranks of a process group.
+
+    With ``work_dir``, the ITC top-k lists and each finished batch of ITM scores are kept there, so a
+    killed run continues without recomputing them.
+    """
     net = model._stage1()
     tok = model.checkpoint.qformer_tokenizer
     k_t, k_i = min(k, len(texts)), min(k, len(images))
@@ -59,44 +69,77 @@ def retrieval_scores(model, images: Sequence[str | Path], texts: Sequence[str], 
     batches = [list(range(s, min(s + batch_size, len(images)))) for s in range(0, len(images), batch_size)]
     mine = batches[rank::world]
 
-    # pass 1: ITC for every pair, keeping top-k lists only
+    shape = {"images": len(images), "texts": len(texts), "k": k, "batch_size": batch_size, "world": world}
+    itc_file = work_dir / "itc.pt" if work_dir is not None else None
+    cached = torch.load(itc_file, weights_only=True) if itc_file is not None and itc_file.exists() else None
+    if cached is not None and cached["shape"] == shape:
+        i2t_v, i2t_i, t2i_v, t2i_i = (cached[n].to(model.device) for n in ("i2t_v", "i2t_i", "t2i_v", "t2i_i"))
+    else:
+        i2t_v, i2t_i, t2i_v, t2i_i = _itc_pass(model, net, images, text_feats, mine, k_t, k_i)
+        if itc_file is not None and rank == 0:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            _save({"shape": shape, "i2t_v": i2t_v.cpu(), "i2t_i": i2t_i.cpu(), "t2i_v": t2i_v.cpu(),
+                   "t2i_i": t2i_i.cpu()}, itc_file)
+
+    # pass 2: ITM for the top-k pairs of this rank's images (image tokens recomputed per batch)
+    i2t_s = torch.zeros_like(i2t_v)
+    t2i_s = torch.zeros_like(t2i_v)
+    done: list[int] = []
+    itm_file = work_dir / f"itm.rank{rank:03d}.pt" if work_dir is not None else None
+    if itm_file is not None and itm_file.exists():
+        progress = torch.load(itm_file, weights_only=True)
+        if progress["shape"] == shape:
+            done, i2t_s, t2i_s = list(progress["done"]), progress["i2t_s"].to(model.device), progress["t2i_s"].to(
+                model.device)
+    for number, batch in enumerate(mine):
+        if number in done:
+            continue
+        _itm_batch(model, net, images, ids, mask, batch, i2t_i, t2i_i, i2t_s, t2i_s, itm_batch)
+        done.append(number)
+        if itm_file is not None:
+            _save({"shape": shape, "done": done, "i2t_s": i2t_s.cpu(), "t2i_s": t2i_s.cpu()}, itm_file)
+    if world > 1:
+        for tensor in (i2t_s, t2i_s):
+            torch.distributed.all_reduce(tensor)  # every pair was scored by exactly one rank
+    return RetrievalScores(i2t_i.cpu(), (i2t_s + i2t_v).cpu(), t2i_i.cpu(), (t2i_s + t2i_v).cpu())
+
+
+def _itc_pass(model, net, images, text_feats, mine, k_t: int, k_i: int):
+    """ITC for every pair of this rank's images, keeping top-k lists only; merged over ranks."""
+    n_texts = text_feats.shape[0]
     i2t_v = torch.full((len(images), k_t), float("-inf"), device=model.device)
     i2t_i = torch.zeros((len(images), k_t), dtype=torch.long, device=model.device)
-    t2i_v = torch.full((len(texts), 0), float("-inf"), device=model.device)
-    t2i_i = torch.zeros((len(texts), 0), dtype=torch.long, device=model.device)
+    t2i_v = torch.full((n_texts, 0), float("-inf"), device=model.device)
+    t2i_i = torch.zeros((n_texts, 0), dtype=torch.long, device=model.device)
     for batch in mine:
         embeds = model._image_embeds([images[i] for i in batch])
         sims = net.similarity(net.image_features(embeds), text_feats).float()  # (b, texts)
         top = sims.topk(k_t, dim=1)
         i2t_v[batch], i2t_i[batch] = top.values, top.indices
-        index = torch.tensor(batch, device=model.device).expand(len(texts), -1)
+        index = torch.tensor(batch, device=model.device).expand(n_texts, -1)
         t2i_v, t2i_i = _merge_topk(t2i_v, t2i_i, sims.T, index, k_i)
-    if world > 1:
+    if dist.world_size() > 1:
         i2t_v, i2t_i = _sum_filled(i2t_v, i2t_i, mine)
         t2i_v, t2i_i = _gather_topk(t2i_v, t2i_i, k_i)
+    return i2t_v, i2t_i, t2i_v, t2i_i
 
-    # pass 2: ITM for the top-k pairs of this rank's images (image tokens recomputed per batch)
-    i2t_s = torch.zeros_like(i2t_v)
-    t2i_s = torch.zeros_like(t2i_v)
-    for batch in mine:
-        embeds = model._image_embeds([images[i] for i in batch])
-        pairs = []  # (image row in batch, text, where to write)
-        for row, i in enumerate(batch):
-            pairs += [(row, int(t), ("i2t", i, j)) for j, t in enumerate(i2t_i[i].tolist())]
-        in_batch = {i: row for row, i in enumerate(batch)}
-        hits = (t2i_i.unsqueeze(-1) == torch.tensor(batch, device=model.device)).any(-1).nonzero().tolist()
-        pairs += [(in_batch[int(t2i_i[t, j])], t, ("t2i", t, j)) for t, j in hits]
-        for s in range(0, len(pairs), itm_batch):
-            chunk = pairs[s:s + itm_batch]
-            rows = torch.tensor([p[0] for p in chunk], device=model.device)
-            txt = torch.tensor([p[1] for p in chunk], device=model.device)
-            logits = net.itm_logits(embeds[rows], ids[txt], mask[txt])[:, 1].float()
-            for (_, _, (direction, a, b)), value in zip(chunk, logits.tolist()):
-                (i2t_s if direction == "i2t" else t2i_s)[a, b] = value
-    if world > 1:
-        for tensor in (i2t_s, t2i_s):
-            torch.distributed.all_reduce(tensor)  # every pair was scored by exactly one rank
-    return RetrievalScores(i2t_i.cpu(), (i2t_s + i2t_v).cpu(), t2i_i.cpu(), (t2i_s + t2i_v).cpu())
+
+def _itm_batch(model, net, images, ids, mask, batch, i2t_i, t2i_i, i2t_s, t2i_s, itm_batch: int) -> None:
+    """Score by ITM every top-k pair that involves the images of ``batch`` (written into i2t_s / t2i_s)."""
+    embeds = model._image_embeds([images[i] for i in batch])
+    pairs = []  # (image row in batch, text, where to write)
+    for row, i in enumerate(batch):
+        pairs += [(row, int(t), ("i2t", i, j)) for j, t in enumerate(i2t_i[i].tolist())]
+    in_batch = {i: row for row, i in enumerate(batch)}
+    hits = (t2i_i.unsqueeze(-1) == torch.tensor(batch, device=model.device)).any(-1).nonzero().tolist()
+    pairs += [(in_batch[int(t2i_i[t, j])], t, ("t2i", t, j)) for t, j in hits]
+    for s in range(0, len(pairs), itm_batch):
+        chunk = pairs[s:s + itm_batch]
+        rows = torch.tensor([p[0] for p in chunk], device=model.device)
+        txt = torch.tensor([p[1] for p in chunk], device=model.device)
+        logits = net.itm_logits(embeds[rows], ids[txt], mask[txt])[:, 1].float()
+        for (_, _, (direction, a, b)), value in zip(chunk, logits.tolist()):
+            (i2t_s if direction == "i2t" else t2i_s)[a, b] = value
 
 
 def _sum_filled(values: torch.Tensor, index: torch.Tensor, mine: list[list[int]]):
