@@ -181,3 +181,14 @@ def test_okvqa_recipe_switches_the_lemmatiser_on(vqa, hf_opt):
                cwd=tmp)
     assert proc.returncode == 2 and "spacy" in proc.stderr.lower() and proc.stderr.count("\n") == 1
     assert (tmp / "runs" / "ok" / "predictions.json").exists()  # the answers were kept for a later scoring
+
+
+def test_test_dev_without_annotations_writes_predictions_for_the_server(vqa, hf_opt):
+    tmp, root, said = vqa
+    proc = run("eval", "vqav2", "--model", str(hf_opt), "--images", str(root), "--questions", "q.json",
+               "--name", "dev", "--json", "--device", "cpu", *SMALL, cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    preds = json.loads(Path(out["predictions"]).read_text())
+    assert [p["answer"] for p in preds] == said and "predictions only" in proc.stderr
+    assert not (tmp / "runs" / "dev" / "metrics.json").exists()

@@ -186,11 +186,14 @@ def _vqa(command: str, predictions: Path | None, questions: Path | None, annotat
     from ..eval.data import vqa_items
 
     questions = _required(command, "--questions", questions)
-    annotations = _required(command, "--annotations", annotations)
+    if not (annotations is None and _runs_model(run)):  # test-dev: predictions for the server only
+        annotations = _required(command, "--annotations", annotations)
     predictions = _predictions(command, predictions, run, lambda: vqa_items(questions, run.images),
                                "question_id", "answer")
     if predictions is None:
         return None
+    if annotations is None:
+        return _predictions_only(predictions)
     if run is not None and run.model is not None:
         lemmatize = lemmatize or run.settings(command).lemmatize
     files = {"predictions": predictions, "questions": questions, "annotations": annotations}
@@ -207,9 +210,22 @@ def _vqa(command: str, predictions: Path | None, questions: Path | None, annotat
     return result
 
 
+def _runs_model(run: ModelRun | None) -> bool:
+    return run is not None and run.model is not None
+
+
+def _predictions_only(path: Path) -> dict:
+    path = path.resolve()
+    return {"predictions": str(path), "notes": [f"no annotations given: predictions only, in the official results "
+                                                f"format for the evaluation server: {path}"]}
+
+
 def _finish(result: dict | None, run: ModelRun | None, command: str, json_out: bool, render) -> None:
     if result is None:
         return  # a helper rank
+    if "predictions" in result:
+        _emit(result, json_out, lambda r: print(r["predictions"]))
+        return
     if run is not None and run.model is not None:
         out = run.run_dir(command) / "metrics.json"
         out.write_text(json.dumps(result, indent=2))
@@ -288,11 +304,14 @@ def _captions(command: str, predictions: Path | None, annotations: Path | None, 
     from ..eval import caption_scoring
     from ..eval.data import caption_items
 
-    annotations = _required(command, "--annotations", annotations)
+    if not (annotations is None and _runs_model(run) and run.items is not None):  # a test split: no references
+        annotations = _required(command, "--annotations", annotations)
     predictions = _predictions(command, predictions, run,
                                lambda: caption_items(annotations, run.images, run.items), "image_id", "caption")
     if predictions is None:
         return None
+    if annotations is None:
+        return _predictions_only(predictions)
     files = {"predictions": predictions, "annotations": annotations}
     preds, anns = read_json(files["predictions"], lines_ok=True), read_json(files["annotations"])
     groups = caption_scoring.domain_subsets(anns) if command == "nocaps" else None

@@ -67,7 +67,7 @@ def _coco_id(name: str) -> int:
     return int(match.group(1))
 
 
-def caption_items(annotations: Path, image_root: Path, items_file: Path | None = None) -> list[Item]:
+def caption_items(annotations: Path | None, image_root: Path, items_file: Path | None = None) -> list[Item]:
     """Images to caption: from ``items_file`` (a LAVIS list of ``{image, img_id?}``, e.g. the Karpathy
     test split or nocaps_val.json) or else from the reference file's ``images`` (``id``, ``file_name``)."""
     if items_file is not None:
