@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _memory import peak_rss_mib  # noqa: E402
+from _weights import randomise  # noqa: E402
 
 PROMPTS = ["", "a photo of", "Question: what is on the table? Short answer:", "two dogs",
            "the man is", "Question: what colour is the car? Answer:", "a picture of", "this is"]
@@ -51,12 +52,7 @@ def build_checkpoint(path: Path, full: bool) -> None:
                       image_token_index=tok.convert_tokens_to_ids("<image>"))
     torch.manual_seed(0)
     model = Blip2ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # transformers' init leaves many zeros; random weights give real searches
-        for p in model.parameters():
-            p.normal_(0, 0.02) if p.dim() > 1 else p.normal_(0, 0.01)
-        for m in model.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.fill_(1.0)
+    randomise(model)
     model.save_pretrained(path)
     tok.save_pretrained(path)
 

@@ -157,3 +157,46 @@ def draw_image(i: int, size: int = 48) -> Image.Image:
                                                                        ((box[0] + box[2]) // 2, box[1])],
                                                fill=colours[i % len(colours)])
     return im
+
+
+def make_blip_captioner(path: Path, seed: int = 3) -> Path:
+    """A tiny random transformers BLIP captioning model with its processor (32 px images)."""
+    from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, \
+        BlipProcessor
+
+    words = bert_tokenizer()
+    tok = BertTokenizerFast(tokenizer_object=words.backend_tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                            cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]")
+    text = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64, encoder_hidden_size=32, bos_token_id=tok.bos_token_id,
+                sep_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=IMAGE_SIZE, patch_size=8)
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    _randomise(model, seed)
+    model.save_pretrained(path)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+                              tokenizer=tok)
+    processor.save_pretrained(path)
+    return path
+
+
+def make_open_clip(path: Path, seed: int = 4) -> Path:
+    """A tiny random open_clip CLIP in the hub layout (``open_clip_config.json`` + weights), loadable with
+    ``local-dir:``; it uses open_clip's own BPE tokenizer, which ships with the package."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    _randomise(model, seed)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    return path

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import Blip2Error
 from . import eval as eval_cmd
-from . import generate, models, pretrain
+from . import generate, models, prepare, pretrain
 
 app = typer.Typer(
     name="blip2",
@@ -23,6 +23,7 @@ app.command("models")(models.list_models)
 app.command("convert", no_args_is_help=True)(models.convert)
 app.add_typer(pretrain.app, name="pretrain")
 app.add_typer(eval_cmd.app, name="eval")
+app.add_typer(prepare.app, name="prepare")
 
 
 def fail(message: str, code: int = 2) -> None:

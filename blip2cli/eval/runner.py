@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_write_text
 from ..train import dist
 
 
@@ -81,7 +82,5 @@ def merge(items: Sequence[Item], out: Path, key: str) -> list[dict]:
             found.setdefault(record.get(key), record)
     merged = [found[it.id] for it in items if it.id in found]
     if dist.rank() == 0:
-        tmp = out / ".predictions.json.tmp"
-        tmp.write_text(json.dumps(merged))
-        os.replace(tmp, out / "predictions.json")
+        atomic_write_text(out / "predictions.json", json.dumps(merged))
     return merged

@@ -20,13 +20,14 @@ def offline() -> bool:
         os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def hub_snapshot(repo_id: str) -> Path:
-    """A local snapshot of a hub repository: the cache when it has one, a download otherwise."""
+def hub_snapshot(repo_id: str, patterns: list[str] | None = None) -> Path:
+    """A local snapshot of a hub repository (the files matching ``patterns``, by default a transformers
+    model's): the cache when it has one, a download otherwise."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HF_PATTERNS, local_files_only=offline()))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns or HF_PATTERNS, local_files_only=offline()))
     except (LocalEntryNotFoundError, FileNotFoundError):
         how = f"run `hf download {repo_id}` on a machine with network (or copy its cache here)"
         if offline():
@@ -77,8 +78,9 @@ def load_checkpoint(name: str, llm: str | None = None, dtype: torch.dtype | None
     entry = registry.lookup(name)
     if entry is not None:
         if entry.kind != "blip2":
-            raise Blip2Error(f"{name} is a {'vision tower' if entry.kind == 'tower' else 'language model'}, "
-                             "not a BLIP-2 model; `blip2 models` lists the BLIP-2 ones")
+            what = {"tower": "vision tower", "llm": "language model", "captioner": "CapFilt captioner",
+                    "ranker": "CapFilt ranker"}.get(entry.kind, entry.kind)
+            raise Blip2Error(f"{name} is a {what}, not a BLIP-2 model; `blip2 models` lists the BLIP-2 ones")
         if entry.source.startswith("lavis:"):
             from .lavis import load_lavis
 

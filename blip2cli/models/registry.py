@@ -17,7 +17,7 @@ LAVIS_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/m
 @dataclass(frozen=True)
 class Entry:
     name: str
-    kind: str  # "blip2" (a whole model), "tower" (image encoder), "llm"
+    kind: str  # "blip2" (a whole model), "tower" (image encoder), "llm", "captioner"/"ranker" (CapFilt)
     source: str  # "hf:<repo id>", or "lavis:<url>", or "open_clip:<model>/<tag>"
     description: str
     llm: str | None = None  # for LAVIS stage-2 files: the LLM they were trained with
@@ -72,6 +72,10 @@ ENTRIES: list[Entry] = [
     Entry("opt-6.7b", "llm", "hf:facebook/opt-6.7b", "OPT-6.7B, decoder-only"),
     Entry("flant5-xl", "llm", "hf:google/flan-t5-xl", "Flan-T5-XL, encoder-decoder"),
     Entry("flant5-xxl", "llm", "hf:google/flan-t5-xxl", "Flan-T5-XXL, encoder-decoder"),
+    Entry("blip-large-captioner", "captioner", "hf:Salesforce/blip-image-captioning-large",
+          "BLIP-large captioner (ViT-L, COCO-finetuned), 384 px: CapFilt's captioner", image_size=384),
+    Entry("clip-vit-l-14", "ranker", "hf:timm/vit_large_patch14_clip_224.openai",
+          "OpenAI CLIP ViT-L/14 through open_clip: CapFilt's ranker"),
 ]
 
 REGISTRY: dict[str, Entry] = {e.name: e for e in ENTRIES}

@@ -1,0 +1,200 @@
+"""CapFilt speed: blip2's batched CapFilt against captioning and ranking one image at a time.
+
+The reference is what a user of transformers and open_clip would write: for each image,
+``BlipForConditionalGeneration.generate(do_sample=True, top_p=0.9, num_return_sequences=10)``, then CLIP
+on the image and its 11 candidate captions, keeping the best two. blip2 runs ``blip2 prepare capfilt``'s
+shard processing (batches of images, one vision pass per image, Gumbel-max nucleus sampling, batched
+ranking). Both read the same webdataset shard of random images, with the same random models, decoding
+settings (the CapFilt recipe's), and report images/s and their ratio.
+
+    python benchmarks/capfilt.py                        # tiny and mid-size models, CPU
+    python benchmarks/capfilt.py --size mid --images 64
+    python benchmarks/capfilt.py --size full --device cuda --dtype float16   # BLIP-large + CLIP ViT-L/14
+
+Sizes: ``tiny`` (2-layer, 32-wide), ``mid`` (6-layer 384-wide ViTs and decoder, BERT vocabulary),
+``full`` (BLIP-large: ViT-L/16 at 384 px and a BERT-base decoder; CLIP ViT-L/14 at 224 px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _weights import randomise  # noqa: E402
+
+VOCAB = 30524  # BLIP's BERT vocabulary with [DEC] and [ENC]
+
+
+def bert_vocab_tokenizer(path: Path):
+    """A BERT WordPiece tokenizer with BLIP's vocabulary size (synthetic word pieces), so the decoder's
+    output layer has its real cost."""
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = ["a", "picture", "of", "photo", "the", "on", "in", "with", "and", "dog", "cat", "table", "red"]
+    pieces = [f"w{i}" for i in range(VOCAB - 2 - len(specials) - len(words))]
+    (path / "vocab.txt").write_text("\n".join(specials + words + pieces) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    return tok
+
+
+def build_captioner(path: Path, size: str) -> None:
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    path.mkdir(parents=True)
+    if size == "tiny":
+        from tests.tiny import make_blip_captioner
+
+        make_blip_captioner(path)
+        return
+    tok = bert_vocab_tokenizer(path)
+    if size == "mid":
+        vision = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                      image_size=224, patch_size=16)
+        text = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                    encoder_hidden_size=384)
+    else:  # BLIP-large (model_large_caption): ViT-L/16 at 384 px, BERT-base decoder
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=384, patch_size=16)
+        text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    encoder_hidden_size=1024)
+    text.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, sep_token_id=tok.sep_token_id,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision)).eval()
+    randomise(model)
+    model.save_pretrained(path)
+    side = vision["image_size"]
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": side, "width": side}),
+                  tokenizer=tok).save_pretrained(path)
+
+
+def build_clip(path: Path, size: str) -> None:
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    if size == "tiny":
+        from tests.tiny import make_open_clip
+
+        make_open_clip(path)
+        return
+    if size == "mid":
+        cfg = {"embed_dim": 256,
+               "vision_cfg": {"image_size": 224, "layers": 6, "width": 384, "head_width": 64, "patch_size": 16},
+               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 6}}
+    else:
+        cfg = open_clip.get_model_config("ViT-L-14")
+    torch.manual_seed(1)
+    model = open_clip.CLIP(**cfg)
+    path.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+
+
+def write_shard(path: Path, n: int) -> None:
+    import webdataset as wds
+    from PIL import Image
+
+    from tests.tiny import draw_image
+
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(n):
+            buf = io.BytesIO()
+            draw_image(i, size=256).convert("RGB").resize((320, 256), Image.BICUBIC).save(buf, "JPEG", quality=90)
+            sink.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": f"web caption number {i}",
+                        "json": json.dumps({"caption": f"web caption number {i}"})})
+
+
+def one_at_a_time(shard: Path, captioner, ranker, recipe) -> int:
+    """The reference: transformers' sampling and open_clip ranking, image by image."""
+    import torch
+    from PIL import Image
+
+    from blip2cli.data.capfilt import read_samples, strip_prompt, top_captions, web_caption
+
+    model, processor = captioner.model, captioner.processor
+    done = 0
+    for sample in read_samples(shard):
+        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        inputs = processor(images=image, text=recipe.prompt, return_tensors="pt").to(captioner.device)
+        with torch.inference_mode():
+            ids = model.generate(pixel_values=inputs["pixel_values"].to(captioner.dtype), input_ids=inputs["input_ids"],
+                                 do_sample=True, top_p=recipe.top_p, num_return_sequences=recipe.num_captions,
+                                 max_length=recipe.max_length, min_length=recipe.min_length,
+                                 repetition_penalty=recipe.repetition_penalty)
+        texts = [strip_prompt(t, recipe.prompt) for t in processor.batch_decode(ids, skip_special_tokens=True)]
+        web = web_caption(sample)
+        scores = ranker.scores(ranker.preprocess(image)[None], [[web, *texts]])[0]
+        top_captions(web, texts, scores, recipe.keep)
+        done += 1
+    return done
+
+
+def measure(size: str, n: int, batch: int, workers: int, device: str, dtype: str) -> dict:
+    import torch
+
+    from blip2cli.api import resolve_device, resolve_dtype
+    from blip2cli.config import load_recipe
+    from blip2cli.data.capfilt import Captioner, CapFiltRecipe, Ranker, process_shard
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        build_captioner(root / "blip", size)
+        build_clip(root / "clip", size)
+        write_shard(root / "shard.tar", n)
+        write_shard(root / "warm.tar", 2)
+        recipe = dataclasses.replace(load_recipe(CapFiltRecipe, "prepare/capfilt"), captioner=str(root / "blip"),
+                                     ranker=str(root / "clip"), batch_size=batch, workers=workers)
+        captioner, ranker = Captioner(recipe.captioner, dev, dt), Ranker(recipe.ranker, dev, dt)
+        one_at_a_time(root / "warm.tar", captioner, ranker, recipe)
+        process_shard(root / "warm.tar", root / "out" / "warm.tar", captioner, ranker, recipe)
+
+        sync()
+        start = time.perf_counter()
+        one_at_a_time(root / "shard.tar", captioner, ranker, recipe)
+        sync()
+        reference = n / (time.perf_counter() - start)
+        sync()
+        start = time.perf_counter()
+        stats = process_shard(root / "shard.tar", root / "out" / "shard.tar", captioner, ranker, recipe)
+        sync()
+        ours = stats["captioned"] / (time.perf_counter() - start)
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
+    return {"size": size, "device": str(dev), "dtype": str(dt).removeprefix("torch."), "images": n, "batch": batch,
+            "captions_per_image": recipe.num_captions, "one_at_a_time_images_per_s": round(reference, 3),
+            "blip2_images_per_s": round(ours, 3), "ratio_blip2_over_one_at_a_time": round(ours / reference, 2),
+            "peak_gpu_mib": round(peak_gpu) if peak_gpu else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["tiny", "mid", "full", "both"], default="both",
+                        help="both: tiny and mid")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1, help="image-decoding processes for blip2")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    sizes = ["tiny", "mid"] if args.size == "both" else [args.size]
+    for size in sizes:
+        print(json.dumps(measure(size, args.images, args.batch, args.workers, args.device, args.dtype)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,437 @@
+"""CapFilt as BLIP-2 used it: a BLIP captioner samples captions for each web image, CLIP ranks them
+together with the web caption by image-text cosine similarity, and the top ones are kept with their scores.
+
+Sampling is nucleus sampling done as Gumbel-max: each row's noise is a hash of (seed, sample key, caption
+index, step, token), so the captions of an image do not depend on the batch it is in, on the number of
+processes, or on the device. Output shards carry every input member unchanged, with the kept captions
+added to the json as ``"captions": [{"text", "score", "source"}]``; the pretraining loader draws one of
+them per visit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import Blip2Error
+from ..io import atomic_path, atomic_write_text
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class CapFiltRecipe:
+    """Models and decoding of ``blip2 prepare capfilt`` (``recipes/prepare/capfilt.yaml``)."""
+
+    captioner: str = "blip-large-captioner"
+    ranker: str = "clip-vit-l-14"
+    prompt: str = "a picture of "
+    num_captions: int = 10
+    top_p: float = 0.9
+    max_length: int = 30  # tokens, the prompt included (BLIP counts this way)
+    min_length: int = 10
+    repetition_penalty: float = 1.0
+    keep: int = 2
+    batch_size: int = 32
+    workers: int = 4  # image-decoding processes per rank
+    seed: int = 0
+
+
+# --- counter-based noise ------------------------------------------------------------------------------
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """``(x * constant) mod 2**32`` for int64 ``x`` in [0, 2**32), without int64 overflow."""
+    hi, lo = constant >> 16, constant & 0xFFFF
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser: a bijection of [0, 2**32) that scrambles every bit."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def gumbel_at(seeds: torch.Tensor, step: int, tokens: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise for each (row seed, token id) pair (broadcast), a pure function of
+    (seed, step, token)."""
+    h = _mix32(_mix32(seeds.to(torch.int64) & _MASK32) ^ (step & _MASK32))
+    x = _mix32((h + _mul32(tokens.to(torch.int64), 0x9E3779B9)) & _MASK32)
+    u = ((x >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u))
+
+
+def gumbel_noise(row_seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """The noise of every token: ``[rows, vocab]``."""
+    return gumbel_at(row_seeds[:, None], step, torch.arange(vocab, device=row_seeds.device)[None, :])
+
+
+def row_seed(seed: int, key: str, index: int) -> int:
+    """A stable 32-bit seed for caption ``index`` of sample ``key``."""
+    digest = hashlib.blake2b(f"{seed}\0{key}\0{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+class GumbelSampler:
+    """A logits processor that turns greedy decoding into sampling: each candidate token's score gets
+    its Gumbel noise, so the argmax is a draw from the (already top-p filtered) distribution. Noise is
+    computed for the tokens top-p kept only; the softmax normaliser is a per-row constant the argmax
+    ignores, so scores stay unnormalised."""
+
+    def __init__(self, row_seeds: torch.Tensor):
+        self.row_seeds = row_seeds
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows, tokens = torch.isfinite(scores).nonzero(as_tuple=True)
+        out = torch.full(scores.shape, -torch.inf, dtype=torch.float32, device=scores.device)
+        noise = gumbel_at(self.row_seeds[rows], input_ids.shape[1], tokens)
+        out[rows, tokens] = scores[rows, tokens].float() + noise
+        return out
+
+
+# --- models -------------------------------------------------------------------------------------------
+
+
+class Captioner:
+    """A transformers BLIP captioning model (``BlipForConditionalGeneration``) and its processor."""
+
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype):
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        from ..models.hub import local_dir_for
+
+        path = local_dir_for(name)
+        config = _read_config(path / "config.json", name)
+        if config.get("model_type") != "blip":
+            raise Blip2Error(f"{name}: not a BLIP captioning model (model_type {config.get('model_type')!r})")
+        self.model = BlipForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.processor = BlipProcessor.from_pretrained(path)
+        self.device, self.dtype = device, dtype
+
+    def pixels(self, image) -> torch.Tensor:
+        return self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    @torch.no_grad()
+    def sample(self, pixel_values: torch.Tensor, row_seeds: torch.Tensor, recipe: CapFiltRecipe) -> list[str]:
+        """``num_captions`` sampled captions per image, image-major, without the prompt."""
+        from transformers import LogitsProcessorList, TopPLogitsWarper
+
+        n = recipe.num_captions
+        images = pixel_values.to(self.device, self.dtype)
+        embeds = self.model.vision_model(pixel_values=images)[0].repeat_interleave(n, dim=0)
+        tokenizer = self.processor.tokenizer
+        prompt = tokenizer(recipe.prompt, return_tensors="pt")
+        # as BLIP: the first token becomes the decoder's BOS and the trailing [SEP] goes
+        input_ids = prompt["input_ids"].clone()
+        input_ids[:, 0] = self.model.config.text_config.bos_token_id
+        input_ids = input_ids[:, :-1].repeat(embeds.shape[0], 1).to(self.device)
+        processors = LogitsProcessorList([TopPLogitsWarper(recipe.top_p), GumbelSampler(row_seeds.to(self.device))])
+        out = self.model.text_decoder.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=self.device),
+            eos_token_id=self.model.config.text_config.sep_token_id,
+            pad_token_id=self.model.config.text_config.pad_token_id,
+            max_length=recipe.max_length, min_length=recipe.min_length,
+            repetition_penalty=recipe.repetition_penalty, do_sample=False, num_beams=1,
+            logits_processor=processors,
+        )
+        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [strip_prompt(t, recipe.prompt) for t in texts]
+
+
+def strip_prompt(text: str, prompt: str) -> str:
+    """The caption without the prompt it was generated after (BLIP drops its first ``len(prompt)`` characters)."""
+    text, prompt = text.strip(), prompt.strip()
+    if prompt and text.lower().startswith(prompt.lower()):
+        text = text[len(prompt):]
+    return text.strip()
+
+
+class Ranker:
+    """An open_clip CLIP model: cosine similarity between an image and each of its candidate captions."""
+
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype):
+        import open_clip
+
+        ident, pretrained = _open_clip_source(name)
+        try:
+            model, _, self.preprocess = open_clip.create_model_and_transforms(ident, pretrained=pretrained)
+            self.tokenizer = open_clip.get_tokenizer(ident)
+        except (RuntimeError, FileNotFoundError, ValueError) as e:
+            raise Blip2Error(f"ranker {name}: {str(e).splitlines()[0]}") from None
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device, self.dtype = device, dtype
+
+    @torch.no_grad()
+    def scores(self, pixel_values: torch.Tensor, candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+        """For image ``i``, the cosine similarity of each text in ``candidates[i]``."""
+        image = self.model.encode_image(pixel_values.to(self.device, self.dtype)).float()
+        image = torch.nn.functional.normalize(image, dim=-1)
+        flat = [t for texts in candidates for t in texts]
+        text = self.model.encode_text(self.tokenizer(flat).to(self.device)).float()
+        text = torch.nn.functional.normalize(text, dim=-1)
+        out, start = [], 0
+        for i, texts in enumerate(candidates):
+            out.append((text[start:start + len(texts)] @ image[i]).tolist())
+            start += len(texts)
+        return out
+
+
+def _read_config(path: Path, name: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise Blip2Error(f"{name}: no readable config.json in {path.parent}") from None
+
+
+OPEN_CLIP_FILES = ["open_clip_config.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+
+
+def _open_clip_source(name: str) -> tuple[str, str | None]:
+    """(model name for open_clip, pretrained tag) for a local directory, a registry name, a hub id, or
+    an open_clip ``MODEL/TAG`` pair such as ``ViT-L-14/openai``."""
+    from ..models import registry
+    from ..models.hub import _HUB_ID, hub_snapshot
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "open_clip_config.json").is_file():
+            raise Blip2Error(f"{path}: no open_clip_config.json; not an open_clip model directory")
+        return f"local-dir:{path}", None
+    entry = registry.lookup(name)
+    if entry is not None:
+        if entry.kind != "ranker":
+            raise Blip2Error(f"{name} is not a CLIP ranker; `blip2 models` lists the rankers")
+        name = entry.where
+    if name.startswith("hf-hub:"):
+        name = name[len("hf-hub:"):]
+    import open_clip
+
+    model, _, tag = name.partition("/")
+    if tag and model in open_clip.list_models():
+        return model, tag
+    if _HUB_ID.match(name):
+        return f"local-dir:{hub_snapshot(name, patterns=OPEN_CLIP_FILES)}", None
+    raise registry.unknown_name(name, kind="ranker")
+
+
+# --- shards -------------------------------------------------------------------------------------------
+
+
+def read_samples(path: Path) -> Iterator[dict[str, Any]]:
+    """The samples of a webdataset tar in order: ``{"__key__": key, ext: bytes, ...}``, members grouped by
+    key as webdataset groups them (the basename up to its first dot)."""
+    current: dict[str, Any] | None = None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)
+            stem, _, ext = base[-1].partition(".")
+            key = f"{base[0]}/{stem}" if len(base) == 2 else stem
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            current[ext] = tar.extractfile(member).read()
+    if current is not None:
+        yield current
+
+
+def write_samples(path: Path, samples: Sequence[dict[str, Any]]) -> None:
+    """A webdataset tar of ``samples``, written atomically (members sorted per sample as given)."""
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext.startswith("__"):
+                    continue
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def web_caption(sample: dict[str, Any]) -> str:
+    """The sample's own caption: its ``txt`` member, else the json ``caption``."""
+    text = ""
+    if "txt" in sample:
+        text = sample["txt"].decode("utf-8", errors="replace")
+    elif "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+            text = meta.get("caption") or "" if isinstance(meta, dict) else ""
+        except ValueError:
+            text = ""
+    return " ".join(str(text).split())
+
+
+def top_captions(web: str, synthetic: Sequence[str], scores: Sequence[float], keep: int) -> list[dict[str, Any]]:
+    """The ``keep`` best distinct texts among the web caption (first) and the synthetic ones, by score;
+    ties keep the earlier candidate."""
+    candidates = ([(web, "web")] if web else []) + [(t, "synthetic") for t in synthetic]
+    best: dict[str, tuple[float, int, str]] = {}
+    for order, ((text, source), score) in enumerate(zip(candidates, scores)):
+        if text and text not in best:
+            best[text] = (score, order, source)
+    ranked = sorted(best.items(), key=lambda kv: (-kv[1][0], kv[1][1]))[:keep]
+    return [{"text": text, "score": round(score, 6), "source": source} for text, (score, _, source) in ranked]
+
+
+class _ShardImages(torch.utils.data.Dataset):
+    """Decoded model inputs of one shard's samples; an undecodable image gives ``None``."""
+
+    def __init__(self, samples: list[dict[str, Any]], blip_preprocess, clip_preprocess):
+        # only the preprocessors: DataLoader workers must not carry the models
+        self.samples, self.blip_preprocess, self.clip_preprocess = samples, blip_preprocess, clip_preprocess
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        sample = self.samples[i]
+        data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if data is None:
+            return i, None
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image = image.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return i, None
+        blip = self.blip_preprocess(images=image, return_tensors="pt")["pixel_values"][0]
+        return i, (blip, self.clip_preprocess(image))
+
+
+def _collate(batch):
+    return batch
+
+
+def process_shard(source: Path, target: Path, captioner: Captioner, ranker: Ranker,
+                  recipe: CapFiltRecipe) -> dict[str, Any]:
+    """Caption and rank every image of ``source``; write ``target`` (and its stats beside it) atomically."""
+    start = time.perf_counter()
+    try:
+        samples = list(read_samples(source))
+    except (tarfile.TarError, OSError) as e:
+        raise Blip2Error(f"{source}: not a readable tar shard ({e})") from None
+    images = _ShardImages(samples, captioner.processor.image_processor, ranker.preprocess)
+    loader = torch.utils.data.DataLoader(images, batch_size=recipe.batch_size, num_workers=recipe.workers,
+                                         collate_fn=_collate)
+    kept: dict[int, list[dict[str, Any]]] = {}
+    for batch in loader:
+        good = [(i, views) for i, views in batch if views is not None]
+        if not good:
+            continue
+        blip = torch.stack([views[0] for _, views in good])
+        clip = torch.stack([views[1] for _, views in good])
+        keys = [samples[i]["__key__"] for i, _ in good]
+        seeds = torch.tensor([row_seed(recipe.seed, key, j) for key in keys for j in range(recipe.num_captions)])
+        synthetic = captioner.sample(blip, seeds, recipe)
+        webs = [web_caption(samples[i]) for i, _ in good]
+        per_image = [synthetic[k * recipe.num_captions:(k + 1) * recipe.num_captions] for k in range(len(good))]
+        candidates = [([web] if web else []) + texts for web, texts in zip(webs, per_image)]
+        scores = ranker.scores(clip, candidates)
+        for (i, _), web, texts, sc in zip(good, webs, per_image, scores):
+            kept[i] = top_captions(web, texts, sc, recipe.keep)
+    out = []
+    for i, sample in enumerate(samples):
+        if i not in kept:
+            continue
+        meta = _json(sample)
+        meta["captions"] = kept[i]
+        out.append({**sample, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
+    write_samples(target, out)
+    web_kept = sum(any(c["source"] == "web" for c in kept[i]) for i in kept)
+    stats = {"shard": source.name, "samples": len(samples), "captioned": len(out),
+             "unreadable": len(samples) - len(out), "web_caption_kept": web_kept,
+             "seconds": round(time.perf_counter() - start, 3)}
+    atomic_write_text(stats_path(target), json.dumps(stats))
+    return stats
+
+
+def _json(sample: dict[str, Any]) -> dict[str, Any]:
+    try:
+        meta = json.loads(sample.get("json", b"{}"))
+    except ValueError:
+        meta = {}
+    return meta if isinstance(meta, dict) else {"original": meta}
+
+
+def stats_path(target: Path) -> Path:
+    """A finished shard's stats file; it is written last, so its presence marks the shard done."""
+    return target.with_name(target.name.removesuffix(".tar") + "_capfilt.json")
+
+
+def list_shards(inputs: Sequence[str]) -> list[Path]:
+    """Input shards: ``.tar`` files, directories of them, globs or brace patterns (``{00000..00099}``)."""
+    import glob
+
+    import braceexpand
+
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found.extend(sorted(path.glob("*.tar")))
+            continue
+        for pattern in braceexpand.braceexpand(str(path)):
+            matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+            found.extend(Path(m) for m in matches if Path(m).is_file())
+    if not found:
+        raise Blip2Error(f"no .tar shards found in {', '.join(inputs)}")
+    names = [p.name for p in found]
+    if len(set(names)) != len(names):
+        raise Blip2Error("two input shards have the same file name; give shards from one directory at a time")
+    return found
+
+
+def run_capfilt(shards: Sequence[Path], out: Path, recipe: CapFiltRecipe, device: torch.device,
+                dtype: torch.dtype, rank: int = 0, world: int = 1, on_shard=None) -> list[dict[str, Any]]:
+    """Process this rank's shards (every ``world``-th); finished ones are skipped. Returns their stats."""
+    mine = [s for i, s in enumerate(shards) if i % world == rank]
+    todo = [s for s in mine if not stats_path(out / s.name).exists()]
+    results = [json.loads(stats_path(out / s.name).read_text()) for s in mine if s not in todo]
+    if not todo:
+        return results
+    captioner = Captioner(recipe.captioner, device, dtype)
+    ranker = Ranker(recipe.ranker, device, dtype)
+    for shard in todo:
+        stats = process_shard(shard, out / shard.name, captioner, ranker, recipe)
+        results.append(stats)
+        if on_shard is not None:
+            on_shard(stats)
+    return results
+
+
+def summarize(out: Path) -> dict[str, Any]:
+    """Totals over every finished shard in ``out``."""
+    totals = {"shards": 0, "samples": 0, "captioned": 0, "unreadable": 0, "web_caption_kept": 0, "seconds": 0.0}
+    for path in sorted(out.glob("*_capfilt.json")):
+        try:
+            stats = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        totals["shards"] += 1
+        for key in ("samples", "captioned", "unreadable", "web_caption_kept", "seconds"):
+            totals[key] += stats.get(key, 0)
+    seconds = totals["seconds"]
+    totals["images_per_second"] = round(totals["captioned"] / seconds, 3) if seconds else None
+    totals["seconds"] = round(seconds, 3)
+    return {"out": str(out), **totals}

@@ -1,0 +1,299 @@
+"""Web-scale download: a URL/caption list (parquet, csv, tsv, or a LAVIS caption list) to webdataset
+shards through img2dataset, with a reproducible subset, resumable shards and a failure summary.
+
+The work directory layout (``OUT``):
+
+- ``00000.tar`` ... : img2dataset's shards (``jpg`` image, ``txt`` caption, ``json`` metadata), with its
+  ``NNNNN_stats.json`` and ``NNNNN.parquet`` beside each; a shard with a stats file is finished.
+- ``_prepare/input/part-NNNNN.parquet``: the normalised (and sampled) URL list, written once.
+- ``_prepare/input.json``: what the list was made from (inputs, subset, seed), checked on every rerun.
+- ``_prepare/summary.json``: the totals of the last run.
+
+Nothing of ours sits at the top level as ``*.json``: img2dataset reads every top-level ``*.json`` as the
+stats file of a finished shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import Blip2Error
+from ..io import atomic_write_text
+
+INPUT_FORMATS = ("parquet", "csv", "tsv", "json")
+
+
+@dataclass
+class DownloadRecipe:
+    """How one source's metadata reads and how its images are stored (``recipes/prepare/*.yaml``)."""
+
+    input_format: str = "parquet"  # parquet | csv | tsv | json (a LAVIS list of {image, caption})
+    header: bool = True  # csv/tsv: the first row names the columns
+    columns: list[str] = field(default_factory=list)  # csv/tsv without a header: the column names
+    url_col: str = "url"
+    caption_col: str = "caption"
+    extra_columns: list[str] = field(default_factory=list)  # copied into each sample's json
+    image_size: int = 256
+    resize_mode: str = "keep_ratio"  # img2dataset: no | border | keep_ratio | keep_ratio_largest | center_crop
+    resize_only_if_bigger: bool = True
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    min_image_size: int = 0
+    max_image_area: float = 89478485.0  # pixels; larger images are refused (counted, not written)
+    max_aspect_ratio: float = 1e9
+    samples_per_shard: int = 10000
+    timeout: int = 10  # seconds per request
+    retries: int = 0
+    processes: int = 16
+    threads: int = 64
+    distributor: str = "multiprocessing"  # multiprocessing (one node) | pyspark | ray (many nodes)
+    images: str = ""  # json input: where image paths are relative to (a URL prefix or a local directory)
+
+    def check(self) -> None:
+        if self.input_format not in INPUT_FORMATS:
+            raise Blip2Error(f"input_format {self.input_format!r}: expected one of {', '.join(INPUT_FORMATS)}")
+        if self.input_format in ("csv", "tsv") and not self.header and not self.columns:
+            raise Blip2Error(f"a {self.input_format} without a header needs `columns` (the column names)")
+
+
+# --- the URL list ----------------------------------------------------------------------------------
+
+
+def parse_count(text: str) -> int:
+    """``115m`` -> 115000000, ``10k`` -> 10000, ``2.5M`` -> 2500000, ``1000`` -> 1000."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmbKMB]?)\s*", text)
+    if match is None:
+        raise Blip2Error(f"--subset {text!r}: expected a count such as 115m, 500k or 20000")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[match.group(2).lower()]
+    count = round(float(match.group(1)) * scale)
+    if count <= 0:
+        raise Blip2Error(f"--subset {text!r}: must be positive")
+    return count
+
+
+def input_files(inputs: list[str], recipe: DownloadRecipe) -> list[Path]:
+    """The metadata files: paths, globs, or directories (every file of the recipe's format in them)."""
+    suffixes = {"parquet": (".parquet",), "csv": (".csv", ".csv.gz"), "tsv": (".tsv", ".tsv.gz"),
+                "json": (".json",)}[recipe.input_format]
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.name.endswith(suffixes))
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(str(path)))
+        if not found:
+            raise Blip2Error(f"--input {item}: no {recipe.input_format} file there")
+        files.extend(found)
+    return files
+
+
+def _read_table(path: Path, recipe: DownloadRecipe):
+    """One metadata file as a pyarrow table with ``url``, ``caption`` and the extra columns."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    wanted = [recipe.url_col, recipe.caption_col, *_kept_columns(recipe)]
+    try:
+        if recipe.input_format == "parquet":
+            table = pq.read_table(path, columns=[c for c in wanted if c in pq.read_schema(path).names])
+        elif recipe.input_format == "json":
+            table = _caption_list_table(path, recipe)
+        else:
+            read = pacsv.ReadOptions(column_names=None if recipe.header else recipe.columns)
+            parse = pacsv.ParseOptions(delimiter="\t" if recipe.input_format == "tsv" else ",",
+                                       quote_char=False if recipe.input_format == "tsv" else '"',
+                                       newlines_in_values=False)
+            convert = pacsv.ConvertOptions(include_columns=wanted, include_missing_columns=True,
+                                           column_types={c: pa.string() for c in wanted})
+            table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    except (OSError, pa.ArrowInvalid, ValueError) as e:
+        raise Blip2Error(f"{path}: cannot read it as {recipe.input_format} ({str(e).splitlines()[0]})") from None
+    missing = [c for c in (recipe.url_col, recipe.caption_col) if c not in table.column_names]
+    if missing:
+        raise Blip2Error(f"{path}: no column {missing[0]!r} (columns: {', '.join(table.column_names)}); "
+                         f"set url_col/caption_col with --set")
+    names = {recipe.url_col: "url", recipe.caption_col: "caption"}
+    table = table.select([c for c in wanted if c in table.column_names])
+    return table.rename_columns([names.get(c, c) for c in table.column_names])
+
+
+def _kept_columns(recipe: DownloadRecipe) -> list[str]:
+    """Columns copied into each sample's json besides the caption (and img2dataset's own url, key, ...)."""
+    return [*recipe.extra_columns, *(["image", "captions"] if recipe.input_format == "json" else [])]
+
+
+def _caption_list_table(path: Path, recipe: DownloadRecipe):
+    """A LAVIS caption list (``[{image, caption}]``, one entry per caption) as one row per image: the
+    first caption in ``caption``, all of them in ``captions`` (the pretraining loader draws one per visit)."""
+    import pyarrow as pa
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Blip2Error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, list) or not all(isinstance(d, dict) and "image" in d and "caption" in d for d in data):
+        raise Blip2Error(f"{path}: expected a list of {{image, caption}}")
+    captions: dict[str, list[str]] = {}
+    for entry in data:
+        texts = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+        captions.setdefault(entry["image"], []).extend(str(t) for t in texts)
+    root = recipe.images.rstrip("/")
+    if not root:
+        raise Blip2Error(f"{path}: give --images, the directory or URL prefix its image paths are relative to")
+    if "://" not in root:
+        root = Path(root).expanduser().resolve().as_uri()
+    images = list(captions)
+    return pa.table({
+        recipe.url_col: [f"{root}/{image}" for image in images],
+        recipe.caption_col: [captions[image][0] for image in images],
+        "image": images,
+        "captions": [[{"text": t} for t in captions[image]] for image in images],
+    })
+
+
+def _row_count(path: Path, recipe: DownloadRecipe) -> int:
+    if recipe.input_format == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    return _read_table(path, recipe).num_rows
+
+
+def write_url_list(inputs: list[Path], recipe: DownloadRecipe, work: Path, subset: int | None,
+                   seed: int) -> int:
+    """Normalise (and sample) the metadata into ``work/_prepare/input``; reruns reuse it. Returns the row count.
+
+    The subset is exact and reproducible: its size is split over the files by a multivariate
+    hypergeometric draw, then each file's rows are drawn without replacement, all from one seeded
+    generator. One file is in memory at a time.
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    target = work / "_prepare" / "input"
+    stamp_path = work / "_prepare" / "input.json"
+    stamp = {"inputs": [str(p.resolve()) for p in inputs], "subset": subset, "seed": seed,
+             "columns": [recipe.url_col, recipe.caption_col, *recipe.extra_columns], "images": recipe.images}
+    if stamp_path.exists():
+        done = json.loads(stamp_path.read_text())
+        if {k: done.get(k) for k in stamp} != stamp:
+            raise Blip2Error(f"{work} was prepared from other inputs or another --subset/--seed "
+                             f"(see {stamp_path}); use a new --out")
+        return int(done["rows"])
+    target.mkdir(parents=True, exist_ok=True)
+    counts = [_row_count(p, recipe) for p in inputs] if subset is not None else None
+    rng = np.random.default_rng(seed)
+    if counts is not None:
+        total = sum(counts)
+        if subset > total:
+            raise Blip2Error(f"--subset {subset}: the input has only {total} rows")
+        per_file = rng.multivariate_hypergeometric(np.array(counts), subset, method="marginals")
+    rows = 0
+    for i, path in enumerate(inputs):
+        table = _read_table(path, recipe)
+        if counts is not None:
+            picked = np.sort(rng.choice(table.num_rows, size=int(per_file[i]), replace=False))
+            table = table.take(picked)
+        part = target / f"part-{i:05d}.parquet"
+        tmp = part.with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, part)
+        rows += table.num_rows
+    atomic_write_text(stamp_path, json.dumps({**stamp, "rows": rows}, indent=1))
+    return rows
+
+
+# --- the download ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """img2dataset prints to stdout (also from its worker processes): send fd 1 to stderr meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def download(work: Path, recipe: DownloadRecipe) -> None:
+    """Run img2dataset over ``work/_prepare/input`` into ``work``; finished shards are skipped."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from img2dataset import download as img2dataset_download
+
+    extras = _kept_columns(recipe)
+    with _stdout_to_stderr():
+        img2dataset_download(
+            url_list=str(work / "_prepare" / "input"), input_format="parquet", url_col="url",
+            caption_col="caption", save_additional_columns=extras or None, output_format="webdataset",
+            output_folder=str(work), image_size=recipe.image_size, resize_mode=recipe.resize_mode,
+            resize_only_if_bigger=recipe.resize_only_if_bigger, encode_format=recipe.encode_format,
+            encode_quality=recipe.encode_quality, min_image_size=recipe.min_image_size,
+            max_image_area=recipe.max_image_area, max_aspect_ratio=recipe.max_aspect_ratio,
+            number_sample_per_shard=recipe.samples_per_shard, timeout=recipe.timeout, retries=recipe.retries,
+            processes_count=recipe.processes, thread_count=recipe.threads, distributor=recipe.distributor,
+            incremental_mode="incremental", enable_wandb=False,
+        )
+
+
+def summarize(work: Path, top: int = 5) -> dict[str, Any]:
+    """Totals over every finished shard's img2dataset stats, and the most frequent failure reasons."""
+    totals: Counter = Counter()
+    reasons: Counter = Counter()
+    shards = sorted(work.glob("*_stats.json"))
+    for stats_file in shards:
+        try:
+            stats = json.loads(stats_file.read_text())
+        except (OSError, ValueError):
+            continue
+        for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            totals[key] += int(stats.get(key, 0))
+        reasons.update({k: int(v) for k, v in (stats.get("status_dict") or {}).items() if k != "success"})
+    count = totals["count"]
+    return {
+        "out": str(work),
+        "shards": len(shards),
+        "count": count,
+        "successes": totals["successes"],
+        "failed_to_download": totals["failed_to_download"],
+        "failed_to_resize": totals["failed_to_resize"],
+        "success_rate": totals["successes"] / count if count else 0.0,
+        "top_failures": [{"reason": _short(reason), "count": n} for reason, n in reasons.most_common(top)],
+    }
+
+
+def _short(reason: str, width: int = 120) -> str:
+    line = " ".join(reason.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def prepare_download(inputs: list[str], work: Path, recipe: DownloadRecipe, subset: int | None = None,
+                     seed: int = 0) -> dict[str, Any]:
+    """The whole ``blip2 prepare <web source>`` job; returns the summary (also kept in ``_prepare``)."""
+    recipe.check()
+    files = input_files(inputs, recipe)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = write_url_list(files, recipe, work, subset, seed)
+    download(work, recipe)
+    summary = {"rows": rows, **summarize(work)}
+    atomic_write_text(work / "_prepare" / "summary.json", json.dumps(summary, indent=1))
+    return summary
