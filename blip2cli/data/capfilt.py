@@ -129,17 +129,15 @@ class Captioner:
         from transformers import LogitsProcessorList, TopPLogitsWarper
 
         n = recipe.num_captions
-        images = pixel_values.to(self.device, self.dtype)
-        embeds = self.model.vision_model(pixel_values=images)[0].repeat_interleave(n, dim=0)
-        tokenizer = self.processor.tokenizer
-        prompt = tokenizer(recipe.prompt, return_tensors="pt")
-        # as BLIP: the first token becomes the decoder's BOS and the trailing [SEP] goes
-        input_ids = prompt["input_ids"].clone()
-        input_ids[:, 0] = self.model.config.text_config.bos_token_id
-        input_ids = input_ids[:, :-1].repeat(embeds.shape[0], 1).to(self.device)
+        embeds = self.model.vision_model(pixel_values=pixel_values.to(self.device, self.dtype))[0]
+        prompt = self._prompt_ids(recipe.prompt)
+        cache = self._prefill(prompt, embeds, n)
+        rows = embeds.shape[0] * n
+        input_ids = prompt.repeat(rows, 1)
+        embeds = embeds.repeat_interleave(n, dim=0)
         processors = LogitsProcessorList([TopPLogitsWarper(recipe.top_p), GumbelSampler(row_seeds.to(self.device))])
         out = self.model.text_decoder.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
             encoder_hidden_states=embeds,
             encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=self.device),
             eos_token_id=self.model.config.text_config.sep_token_id,
@@ -148,8 +146,30 @@ class Captioner:
             repetition_penalty=recipe.repetition_penalty, do_sample=False, num_beams=1,
             logits_processor=processors,
         )
-        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+        texts = self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [strip_prompt(t, recipe.prompt) for t in texts]
+
+    def _prompt_ids(self, prompt: str) -> torch.Tensor:
+        """``[1, P]``: as BLIP, the tokenised prompt with its first token made the decoder's BOS and the
+        trailing [SEP] dropped."""
+        ids = self.processor.tokenizer(prompt, return_tensors="pt")["input_ids"].clone()
+        ids[:, 0] = self.model.config.text_config.bos_token_id
+        return ids[:, :-1].to(self.device)
+
+    def _prefill(self, prompt: torch.Tensor, embeds: torch.Tensor, n: int):
+        """The decoder cache after all but the last prompt token, computed once per image and then
+        repeated for its ``n`` captions: the cross-attention keys and values over the image tokens are the
+        bulk of it, and are the same for every caption of an image."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        if prompt.shape[1] < 2:
+            return None
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        ids = prompt[:, :-1].repeat(embeds.shape[0], 1)
+        self.model.text_decoder(input_ids=ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=embeds,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(n)
+        return cache
 
 
 def strip_prompt(text: str, prompt: str) -> str:
@@ -181,13 +201,35 @@ class Ranker:
         image = self.model.encode_image(pixel_values.to(self.device, self.dtype)).float()
         image = torch.nn.functional.normalize(image, dim=-1)
         flat = [t for texts in candidates for t in texts]
-        text = self.model.encode_text(self.tokenizer(flat).to(self.device)).float()
+        text = self._encode_text(self.tokenizer(flat).to(self.device)).float()
         text = torch.nn.functional.normalize(text, dim=-1)
         out, start = [], 0
         for i, texts in enumerate(candidates):
             out.append((text[start:start + len(texts)] @ image[i]).tolist())
             start += len(texts)
         return out
+
+
+    def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """open_clip's ``encode_text``, run only up to the longest text's end token when the text tower is
+        causal and pools at that token (OpenAI CLIP): later positions cannot change the pooled feature,
+        and captions fill a fraction of the 77-token context."""
+        import open_clip
+        from open_clip.transformer import text_global_pool
+
+        model = self.model
+        if not (type(model) is open_clip.CLIP and model.attn_mask is not None and model.text_pool_type == "argmax"):
+            return model.encode_text(tokens)
+        length = int(tokens.argmax(dim=-1).max()) + 1
+        tokens = tokens[:, :length]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+        x = text_global_pool(x, tokens, "argmax")
+        if model.text_projection is None:
+            return x
+        return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) \
+            else x @ model.text_projection
 
 
 def _read_config(path: Path, name: str) -> dict:
