@@ -154,7 +154,7 @@ for _command in (prepare_annotations.vqav2, prepare_annotations.okvqa, prepare_a
 def capfilt(
     shards: Annotated[list[str], typer.Argument(help="Input shards: .tar files, directories, globs or brace patterns.")],
     out: Annotated[Path, typer.Option(help="Output directory: one shard per input shard, same name.")],
-    recipe: RecipeOpt = None,
+    recipe: Annotated[Optional[str], typer.Option(help="Recipe name or YAML path (default: prepare/capfilt).")] = None,
     set_: SetOpt = None,
     captioner: Annotated[Optional[str], typer.Option(help="Captioner: registry name, hub id or directory.")] = None,
     ranker: Annotated[Optional[str], typer.Option(help="CLIP ranker: registry name, hub id, directory or "
