@@ -18,7 +18,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from blip2cli.cli import prepare_annotations as cli
+from blip2cli.cli.app import app
 from blip2cli.data import annotations as ann
 from blip2cli.errors import Blip2Error
 
@@ -254,17 +254,10 @@ def test_eval_hints_use_real_eval_options():
                 assert name in names, (dataset, name)
 
 
-def local_app() -> typer.Typer:
-    app = typer.Typer()
-    for command in (cli.vqav2, cli.okvqa, cli.gqa, cli.nocaps, cli.flickr30k):
-        app.command(command.__name__)(command)
-    return app
-
-
 def test_cli_json_is_one_object_on_stdout(mirror, tmp_path):
     data = mirror.put(GQA_TESTDEV, b'[{"question_id": "1"}]')
     out = tmp_path / "out"
-    result = CliRunner().invoke(local_app(), ["gqa", "--out", str(out), "--split", "test-dev", "--json"])
+    result = CliRunner().invoke(app, ["prepare", "gqa", "--out", str(out), "--split", "test-dev", "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert [(f["name"], f["md5"], f["size"], f["action"]) for f in record["files"]] == [
@@ -275,11 +268,10 @@ def test_cli_json_is_one_object_on_stdout(mirror, tmp_path):
 def test_cli_failure_is_one_error_line(mirror, tmp_path, monkeypatch, capsys):
     from blip2cli.cli import app as app_module
 
-    args = ["flickr30k", "--out", str(tmp_path / "out"), "--split", "test", "--json"]
-    result = CliRunner().invoke(local_app(), args)
+    args = ["prepare", "flickr30k", "--out", str(tmp_path / "out"), "--split", "test", "--json"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and isinstance(result.exception, Blip2Error)
 
-    monkeypatch.setattr(app_module, "app", local_app())
     monkeypatch.setattr(sys, "argv", ["blip2", *args])
     with pytest.raises(SystemExit) as e:
         app_module.main()
