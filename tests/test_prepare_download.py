@@ -186,6 +186,10 @@ def test_bad_metadata_is_a_one_line_error(tmp_path):
     recipe = DownloadRecipe(input_format="parquet", url_col="url", caption_col="caption")
     with pytest.raises(Blip2Error, match="no column 'url'"):
         prepare_download([str(bad)], tmp_path / "out", recipe)
+    csv = tmp_path / "meta.csv"
+    csv.write_text("link,text\nhttp://127.0.0.1:1/a.jpg,a\n")
+    with pytest.raises(Blip2Error, match="no column 'url'"):
+        prepare_download([str(csv)], tmp_path / "out-csv", DownloadRecipe(input_format="csv"))
     proc = subprocess.run([BLIP2, "prepare", "laion", "--input", str(tmp_path / "nothing-here"), "--out",
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -108,27 +108,36 @@ def _read_table(path: Path, recipe: DownloadRecipe):
 
     wanted = [recipe.url_col, recipe.caption_col, *_kept_columns(recipe)]
     try:
-        if recipe.input_format == "parquet":
-            table = pq.read_table(path, columns=[c for c in wanted if c in pq.read_schema(path).names])
-        elif recipe.input_format == "json":
+        if recipe.input_format == "json":
             table = _caption_list_table(path, recipe)
+            _check_columns(path, recipe, table.column_names)
+        elif recipe.input_format == "parquet":
+            present = pq.read_schema(path).names
+            _check_columns(path, recipe, present)
+            table = pq.read_table(path, columns=[c for c in wanted if c in present])
         else:
             read = pacsv.ReadOptions(column_names=None if recipe.header else recipe.columns)
             parse = pacsv.ParseOptions(delimiter="\t" if recipe.input_format == "tsv" else ",",
                                        quote_char=False if recipe.input_format == "tsv" else '"',
                                        newlines_in_values=False)
-            convert = pacsv.ConvertOptions(include_columns=wanted, include_missing_columns=True,
-                                           column_types={c: pa.string() for c in wanted})
+            with pacsv.open_csv(path, read_options=read, parse_options=parse) as reader:
+                present = reader.schema.names
+            _check_columns(path, recipe, present)
+            kept = [c for c in wanted if c in present]
+            convert = pacsv.ConvertOptions(include_columns=kept, column_types={c: pa.string() for c in kept})
             table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
     except (OSError, pa.ArrowInvalid, ValueError) as e:
         raise Blip2Error(f"{path}: cannot read it as {recipe.input_format} ({str(e).splitlines()[0]})") from None
-    missing = [c for c in (recipe.url_col, recipe.caption_col) if c not in table.column_names]
-    if missing:
-        raise Blip2Error(f"{path}: no column {missing[0]!r} (columns: {', '.join(table.column_names)}); "
-                         f"set url_col/caption_col with --set")
     names = {recipe.url_col: "url", recipe.caption_col: "caption"}
     table = table.select([c for c in wanted if c in table.column_names])
     return table.rename_columns([names.get(c, c) for c in table.column_names])
+
+
+def _check_columns(path: Path, recipe: DownloadRecipe, present: list[str]) -> None:
+    missing = [c for c in (recipe.url_col, recipe.caption_col) if c not in present]
+    if missing:
+        raise Blip2Error(f"{path}: no column {missing[0]!r} (columns: {', '.join(present)}); "
+                         "set url_col/caption_col with --set")
 
 
 def _kept_columns(recipe: DownloadRecipe) -> list[str]:
