@@ -122,7 +122,8 @@ def one_at_a_time(shard: Path, captioner, ranker, recipe) -> int:
     import torch
     from PIL import Image
 
-    from blip2cli.data.capfilt import read_samples, strip_prompt, top_captions, web_caption
+    from blip2cli.data.capfilt import read_samples, strip_prompt, top_captions
+    from blip2cli.data.datasets import web_caption
 
     model, processor = captioner.model, captioner.processor
     done = 0

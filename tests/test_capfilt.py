@@ -275,3 +275,17 @@ def test_two_ranks_under_torchrun_match_one_process(models, shards, tmp_path):
         a, b = json.loads(ours[key]["json"])["captions"], json.loads(theirs[key]["json"])["captions"]
         assert [c["text"] for c in a] == [c["text"] for c in b]
         assert [c["score"] for c in a] == pytest.approx([c["score"] for c in b], abs=1e-5)
+
+
+def test_an_unreadable_shard_is_skipped_and_reported_after_the_others(models, shards, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "00000.tar").write_bytes((shards / "00000.tar").read_bytes()[:700])  # cut inside a member
+    (inputs / "00001.tar").write_bytes((shards / "00001.tar").read_bytes())
+    out = tmp_path / "out"
+    proc = subprocess.run(_cli(models, inputs, out, "--json"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout)["captioned"] == 3  # the readable shard was done
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "00000.tar: not a readable tar shard" in error[0] and "rerun" in error[0]
+    assert (out / "00001_capfilt.json").exists() and not (out / "00000.tar").exists()

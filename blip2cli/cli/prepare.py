@@ -188,14 +188,18 @@ def capfilt(
     quiet_transformers()
     mine = len(inputs[dist.rank()::dist.world_size()])
     with progress("capfilt", mine) as advance:
-        run_capfilt(inputs, out, spec, dev, _capfilt_dtype(dtype, dev, resolve_dtype), dist.rank(), dist.world_size(),
-                    on_shard=lambda stats: (advance(1), _log_shard(stats)))
+        results = run_capfilt(inputs, out, spec, dev, _capfilt_dtype(dtype, dev, resolve_dtype), dist.rank(),
+                              dist.world_size(), on_shard=lambda stats: (advance(1), _log_shard(stats)))
     if dist.is_distributed():
         import torch.distributed
 
         torch.distributed.barrier()
     if dist.rank() == 0:
         _emit(summarize(out), json_out, _render_capfilt)
+    failed = [r for r in results if "error" in r]
+    if failed:
+        raise Blip2Error(f"{len(failed)} shard(s) could not be read and were skipped ({failed[0]['error']}); "
+                         "the others are done, and a rerun retries only these")
 
 
 def _capfilt_dtype(dtype: str, device, resolve):
@@ -207,6 +211,9 @@ def _capfilt_dtype(dtype: str, device, resolve):
 
 
 def _log_shard(stats: dict) -> None:
+    if "error" in stats:
+        print(f"capfilt: skipped {stats['error']}", file=sys.stderr)
+        return
     print(f"capfilt: {stats['shard']}: {stats['captioned']}/{stats['samples']} captioned in {stats['seconds']:.1f} s",
           file=sys.stderr)
 

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import webdataset as wds
 
 from ..errors import Blip2Error
 from ..io import atomic_path, atomic_write_text
+from .datasets import decode_image, expand_shards, sample_meta, web_caption
 
 _MASK32 = 0xFFFFFFFF
 
@@ -274,24 +276,9 @@ def _open_clip_source(name: str) -> tuple[str, str | None]:
 
 
 def read_samples(path: Path) -> Iterator[dict[str, Any]]:
-    """The samples of a webdataset tar in order: ``{"__key__": key, ext: bytes, ...}``, members grouped by
-    key as webdataset groups them (the basename up to its first dot)."""
-    current: dict[str, Any] | None = None
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)
-            stem, _, ext = base[-1].partition(".")
-            key = f"{base[0]}/{stem}" if len(base) == 2 else stem
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key}
-            current[ext] = tar.extractfile(member).read()
-    if current is not None:
-        yield current
+    """The samples of a webdataset tar in order: ``{"__key__": key, ext: bytes, ...}``."""
+    for sample in wds.tariterators.tarfile_samples([{"url": str(path)}]):
+        yield {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
 
 
 def write_samples(path: Path, samples: Sequence[dict[str, Any]]) -> None:
@@ -304,23 +291,6 @@ def write_samples(path: Path, samples: Sequence[dict[str, Any]]) -> None:
                 info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
-
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-
-def web_caption(sample: dict[str, Any]) -> str:
-    """The sample's own caption: its ``txt`` member, else the json ``caption``."""
-    text = ""
-    if "txt" in sample:
-        text = sample["txt"].decode("utf-8", errors="replace")
-    elif "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-            text = meta.get("caption") or "" if isinstance(meta, dict) else ""
-        except ValueError:
-            text = ""
-    return " ".join(str(text).split())
 
 
 def top_captions(web: str, synthetic: Sequence[str], scores: Sequence[float], keep: int) -> list[dict[str, Any]]:
@@ -346,16 +316,8 @@ class _ShardImages(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
-        sample = self.samples[i]
-        data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        if data is None:
-            return i, None
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                image = image.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        image = decode_image(self.samples[i])
+        if image is None:
             return i, None
         blip = self.blip_preprocess(images=image, return_tensors="pt")["pixel_values"][0]
         return i, (blip, self.clip_preprocess(image))
@@ -365,6 +327,10 @@ def _collate(batch):
     return batch
 
 
+class UnreadableShard(Blip2Error):
+    """An input shard that is not a readable tar file."""
+
+
 def process_shard(source: Path, target: Path, captioner: Captioner, ranker: Ranker,
                   recipe: CapFiltRecipe) -> dict[str, Any]:
     """Caption and rank every image of ``source``; write ``target`` (and its stats beside it) atomically."""
@@ -372,7 +338,7 @@ def process_shard(source: Path, target: Path, captioner: Captioner, ranker: Rank
     try:
         samples = list(read_samples(source))
     except (tarfile.TarError, OSError) as e:
-        raise Blip2Error(f"{source}: not a readable tar shard ({e})") from None
+        raise UnreadableShard(f"{source}: not a readable tar shard ({str(e).splitlines()[0]})") from None
     images = _ShardImages(samples, captioner.processor.image_processor, ranker.preprocess)
     loader = torch.utils.data.DataLoader(images, batch_size=recipe.batch_size, num_workers=recipe.workers,
                                          collate_fn=_collate)
@@ -386,7 +352,7 @@ def process_shard(source: Path, target: Path, captioner: Captioner, ranker: Rank
         keys = [samples[i]["__key__"] for i, _ in good]
         seeds = torch.tensor([row_seed(recipe.seed, key, j) for key in keys for j in range(recipe.num_captions)])
         synthetic = captioner.sample(blip, seeds, recipe)
-        webs = [web_caption(samples[i]) for i, _ in good]
+        webs = [" ".join(web_caption(samples[i]).split()) for i, _ in good]
         per_image = [synthetic[k * recipe.num_captions:(k + 1) * recipe.num_captions] for k in range(len(good))]
         candidates = [([web] if web else []) + texts for web, texts in zip(webs, per_image)]
         scores = ranker.scores(clip, candidates)
@@ -409,10 +375,7 @@ def process_shard(source: Path, target: Path, captioner: Captioner, ranker: Rank
 
 
 def _json(sample: dict[str, Any]) -> dict[str, Any]:
-    try:
-        meta = json.loads(sample.get("json", b"{}"))
-    except ValueError:
-        meta = {}
+    meta = sample_meta(sample)
     return meta if isinstance(meta, dict) else {"original": meta}
 
 
@@ -423,30 +386,20 @@ def stats_path(target: Path) -> Path:
 
 def list_shards(inputs: Sequence[str]) -> list[Path]:
     """Input shards: ``.tar`` files, directories of them, globs or brace patterns (``{00000..00099}``)."""
-    import glob
-
-    import braceexpand
-
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            found.extend(sorted(path.glob("*.tar")))
-            continue
-        for pattern in braceexpand.braceexpand(str(path)):
-            matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-            found.extend(Path(m) for m in matches if Path(m).is_file())
-    if not found:
-        raise Blip2Error(f"no .tar shards found in {', '.join(inputs)}")
-    names = [p.name for p in found]
+    shards = expand_shards(list(inputs))
+    remote = next((s for s in shards if "://" in s or s.startswith("pipe:")), None)
+    if remote is not None:
+        raise Blip2Error(f"{remote}: capfilt reads local shards; copy them here first")
+    names = [Path(s).name for s in shards]
     if len(set(names)) != len(names):
         raise Blip2Error("two input shards have the same file name; give shards from one directory at a time")
-    return found
+    return [Path(s) for s in shards]
 
 
 def run_capfilt(shards: Sequence[Path], out: Path, recipe: CapFiltRecipe, device: torch.device,
                 dtype: torch.dtype, rank: int = 0, world: int = 1, on_shard=None) -> list[dict[str, Any]]:
-    """Process this rank's shards (every ``world``-th); finished ones are skipped. Returns their stats."""
+    """Process this rank's shards (every ``world``-th); finished ones are skipped. Returns their stats; a
+    shard that cannot be read gives ``{"shard", "error"}`` instead, and the others go on (a rerun retries it)."""
     mine = [s for i, s in enumerate(shards) if i % world == rank]
     todo = [s for s in mine if not stats_path(out / s.name).exists()]
     results = [json.loads(stats_path(out / s.name).read_text()) for s in mine if s not in todo]
@@ -455,7 +408,10 @@ def run_capfilt(shards: Sequence[Path], out: Path, recipe: CapFiltRecipe, device
     captioner = Captioner(recipe.captioner, device, dtype)
     ranker = Ranker(recipe.ranker, device, dtype)
     for shard in todo:
-        stats = process_shard(shard, out / shard.name, captioner, ranker, recipe)
+        try:
+            stats = process_shard(shard, out / shard.name, captioner, ranker, recipe)
+        except UnreadableShard as e:
+            stats = {"shard": shard.name, "error": str(e)}
         results.append(stats)
         if on_shard is not None:
             on_shard(stats)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import glob
 import io
 import itertools
 import json
@@ -132,8 +133,9 @@ class CaptionJsonDataset(Dataset):
 # --- webdataset shards ----------------------------------------------------------------------------
 
 
-def _expand_urls(urls: Sequence[str] | str) -> list[str]:
-    """Shard list: brace patterns expanded (``shards/{00000..00099}.tar``), a directory -> its ``*.tar``."""
+def expand_shards(urls: Sequence[str] | str) -> list[str]:
+    """Shard list: brace patterns expanded (``shards/{00000..00099}.tar``), globs matched, a directory ->
+    its ``*.tar``; a local shard that does not exist is an error."""
     if isinstance(urls, (str, Path)):
         urls = [str(urls)]
     shards: list[str] = []
@@ -141,14 +143,16 @@ def _expand_urls(urls: Sequence[str] | str) -> list[str]:
         url = str(url)
         if Path(url).is_dir():
             shards.extend(sorted(str(p) for p in Path(url).glob("*.tar")))
-        else:
-            shards.extend(wds.shardlists.expand_urls(url))
+            continue
+        for pattern in wds.shardlists.expand_urls(url):
+            local = "://" not in pattern and not pattern.startswith("pipe:")
+            shards.extend(sorted(glob.glob(pattern)) if local and glob.has_magic(pattern) else [pattern])
     for shard in shards:
         local = "://" not in shard and not shard.startswith("pipe:")
         if local and not Path(shard).is_file():
             raise Blip2Error(f"shard not found: {shard}")
     if not shards:
-        raise Blip2Error(f"no shards in {', '.join(map(str, urls))}")
+        raise Blip2Error(f"no .tar shards found in {', '.join(map(str, urls))}")
     return shards
 
 
@@ -167,7 +171,7 @@ class WebDatasetSamples(IterableDataset):
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.urls = _expand_urls(urls)
+        self.urls = expand_shards(urls)
         self.shards = self.urls[rank::world_size]
         if not self.shards:
             raise Blip2Error(f"{len(self.urls)} shards cannot feed {world_size} ranks: rank {rank} has none")
@@ -209,12 +213,7 @@ class WebDatasetSamples(IterableDataset):
         return True
 
     def _caption(self, raw: dict[str, Any]) -> str:
-        meta: Any = {}
-        if "json" in raw:
-            try:
-                meta = json.loads(raw["json"])
-            except (ValueError, UnicodeDecodeError):
-                meta = {}
+        meta = sample_meta(raw)
         # CapFilt output: {"captions": [{"text", "score"}, ...]} (LAVIS also writes a bare list)
         captions = meta if isinstance(meta, list) else meta.get("captions") if isinstance(meta, dict) else None
         if isinstance(captions, list):
@@ -223,28 +222,47 @@ class WebDatasetSamples(IterableDataset):
             if texts:
                 rng = random.Random(f"capfilt:{self.seed}:{self.epoch}:{raw['__key__']}")
                 return pre_caption(rng.choice(texts), self.max_words)
-        text = None
-        if "txt" in raw:
-            try:
-                text = raw["txt"].decode("utf-8")
-            except UnicodeDecodeError:
-                text = None
-        if text is None and isinstance(meta, dict) and isinstance(meta.get("caption"), str):
-            text = meta["caption"]
+        text = web_caption(raw, meta)
         return pre_caption(text, self.max_words) if text else ""
 
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
-        data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
         text = self._caption(raw)
-        if data is None or not text:
-            log.debug("skipping %s: no image or no caption", raw.get("__key__"))
-            return None
-        try:
-            image = _open_rgb(io.BytesIO(data))
-        except _IMAGE_ERRORS as e:
-            log.debug("skipping %s: %s", raw.get("__key__"), e)
+        image = decode_image(raw) if text else None
+        if image is None:
+            log.debug("skipping %s: no decodable image or no caption", raw.get("__key__"))
             return None
         return {"image": self.transform(image) if self.transform else image, "text": text, "key": raw["__key__"]}
+
+
+def sample_meta(raw: dict[str, Any]) -> Any:
+    """A webdataset sample's ``json`` member, parsed; ``{}`` when absent or unreadable."""
+    try:
+        return json.loads(raw["json"]) if "json" in raw else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+
+
+def web_caption(raw: dict[str, Any], meta: Any = None) -> str:
+    """A sample's own caption: its ``txt`` member, else the json ``"caption"``; ``""`` when it has none."""
+    if "txt" in raw:
+        try:
+            return raw["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    meta = sample_meta(raw) if meta is None else meta
+    return meta["caption"] if isinstance(meta, dict) and isinstance(meta.get("caption"), str) else ""
+
+
+def decode_image(raw: dict[str, Any]) -> Image.Image | None:
+    """A sample's image member as RGB; ``None`` when it has none or it does not decode."""
+    data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    if data is None:
+        return None
+    try:
+        return _open_rgb(io.BytesIO(data))
+    except _IMAGE_ERRORS as e:
+        log.debug("%s: undecodable image (%s)", raw.get("__key__"), e)
+        return None
 
 
 def webdataset_samples(
