@@ -68,7 +68,7 @@ def mirror(tmp_path, monkeypatch):
     m = Mirror(tmp_path / "served")
     m.thread.start()
     monkeypatch.setenv(ann.MIRROR_ENV, m.url)
-    for var in ("HF_HUB_OFFLINE", "BLIP2_OFFLINE"):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "BLIP2_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     yield m
     m.server.shutdown()

@@ -8,7 +8,7 @@ Environment:
 
 - ``BLIP2_ANNOTATIONS_MIRROR``: a URL prefix (``http://host:port`` or ``https://proxy/some/path``) that
   replaces the scheme and host of every URL, keeping its path; for mirrors, caching proxies and tests.
-- ``BLIP2_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``: never download; files must already be in place or under ``--from``.
+- ``BLIP2_OFFLINE=1``, ``HF_HUB_OFFLINE=1`` or ``TRANSFORMERS_OFFLINE=1``: never download; files must already be in place or under ``--from``.
 """
 
 from __future__ import annotations
@@ -157,11 +157,6 @@ def annotation_files(dataset: str, splits: list[str] | None = None) -> list[Anno
     return [f for f in files if f.tags() & set(splits)]
 
 
-def offline() -> bool:
-    """True when ``BLIP2_OFFLINE`` or ``HF_HUB_OFFLINE`` is set: nothing is downloaded."""
-    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("BLIP2_OFFLINE", "HF_HUB_OFFLINE"))
-
-
 def effective_url(url: str) -> str:
     """``url``, with its scheme and host replaced by ``$BLIP2_ANNOTATIONS_MIRROR`` when that is set."""
     mirror = os.environ.get(MIRROR_ENV, "").strip()
@@ -225,8 +220,10 @@ def _prepare_one(entry: AnnotationFile, out_dir: Path, source_dir: Path | None, 
                 digest = _copy(src, dst)[0]
                 check(digest)
         return _result(entry, target, url, digest, "copied")
+    from ..models.hub import offline
+
     if offline():
-        raise _unavailable(entry, url, out_dir, "offline (BLIP2_OFFLINE or HF_HUB_OFFLINE is set)")
+        raise _unavailable(entry, url, out_dir, "offline (BLIP2_OFFLINE, HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)")
     return _result(entry, target, url, _fetch(entry, url, target, verify), "fetched")
 
 

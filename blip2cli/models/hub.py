@@ -16,8 +16,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or \
-        os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
+    """Nothing may be downloaded: ``BLIP2_OFFLINE``, ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set."""
+    return any(os.environ.get(name, "0").lower() in ("1", "true", "yes")
+               for name in ("BLIP2_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def hub_snapshot(repo_id: str, patterns: list[str] | None = None) -> Path:
