@@ -8,7 +8,8 @@ Environment:
 
 - ``BLIP2_ANNOTATIONS_MIRROR``: a URL prefix (``http://host:port`` or ``https://proxy/some/path``) that
   replaces the scheme and host of every URL, keeping its path; for mirrors, caching proxies and tests.
-- ``BLIP2_OFFLINE=1``, ``HF_HUB_OFFLINE=1`` or ``TRANSFORMERS_OFFLINE=1``: never download; files must already be in place or under ``--from``.
+- ``BLIP2_OFFLINE=1``, ``HF_HUB_OFFLINE=1`` or ``TRANSFORMERS_OFFLINE=1``: never download; files must already
+  be in place or under ``--from``.
 """
 
 from __future__ import annotations
