@@ -163,7 +163,8 @@ def test_kept_captions_are_the_top_two_by_direct_clip_similarity(models, shards,
 def test_results_do_not_depend_on_batch_size_and_follow_the_seed(models, shards, tmp_path):
     inputs = sorted(shards.glob("*.tar"))
     runs = {}
-    for name, changes in {"b1": {"batch_size": 1}, "b3": {"batch_size": 3}, "seed1": {"batch_size": 3, "seed": 1}}.items():
+    variants = {"b1": {"batch_size": 1}, "b3": {"batch_size": 3}, "seed1": {"batch_size": 3, "seed": 1}}
+    for name, changes in variants.items():
         run_capfilt(inputs, tmp_path / name, _recipe(models, **changes), CPU, torch.float32)
         runs[name] = {k: json.loads(s["json"])["captions"] for k, s in _outputs(tmp_path / name).items()}
     assert runs["b1"].keys() == runs["b3"].keys()
@@ -186,7 +187,8 @@ def test_pretraining_loader_samples_among_the_kept_captions(models, shards, tmp_
 
     out = tmp_path / "out"
     run_capfilt(sorted(shards.glob("*.tar")), out, _recipe(models), CPU, torch.float32)
-    kept = {k: {pre_caption(c["text"], 50) for c in json.loads(s["json"])["captions"]} for k, s in _outputs(out).items()}
+    kept = {k: {pre_caption(c["text"], 50) for c in json.loads(s["json"])["captions"]}
+            for k, s in _outputs(out).items()}
     assert all(len(texts) == 2 for texts in kept.values())
     seen: dict[str, set[str]] = {}
     data = webdataset_samples(str(out), transform=None, shuffle=0)

@@ -105,7 +105,7 @@ def _annotated_source(source: str, about: str, train_file: str):
         source_dir: Annotated[Optional[Path], typer.Option(
             "--from", help="A directory holding annotation files downloaded by hand.")] = None,
         shards: Annotated[bool, typer.Option(
-            "--shards", help="Also write the training images and captions as webdataset shards (pretraining).")] = False,
+            "--shards", help="Also write the training images and captions as webdataset shards.")] = False,
         images: Annotated[Optional[str], typer.Option(
             help="Where the annotation's image paths point: a local directory or a URL prefix.")] = None,
         subset: SubsetOpt = None,
@@ -152,7 +152,8 @@ for _command in (prepare_annotations.vqav2, prepare_annotations.okvqa, prepare_a
 
 @app.command("capfilt", no_args_is_help=True)
 def capfilt(
-    shards: Annotated[list[str], typer.Argument(help="Input shards: .tar files, directories, globs or brace patterns.")],
+    shards: Annotated[list[str], typer.Argument(
+        help="Input shards: .tar files, directories, globs or brace patterns.")],
     out: Annotated[Path, typer.Option(help="Output directory: one shard per input shard, same name.")],
     recipe: Annotated[Optional[str], typer.Option(help="Recipe name or YAML path (default: prepare/capfilt).")] = None,
     set_: SetOpt = None,

@@ -224,7 +224,8 @@ def _prepare_one(entry: AnnotationFile, out_dir: Path, source_dir: Path | None, 
     from ..models.hub import offline
 
     if offline():
-        raise _unavailable(entry, url, out_dir, "offline (BLIP2_OFFLINE, HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)")
+        raise _unavailable(entry, url, out_dir,
+                           "offline (BLIP2_OFFLINE, HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)")
     return _result(entry, target, url, _fetch(entry, url, target, verify), "fetched")
 
 
