@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import Blip2Error
+from .options import DeviceOpt, JsonOpt, SetOpt
 
 app = typer.Typer(help="Evaluate on the paper's benchmarks: run a model (--model) or score predictions (--predictions).",
                   no_args_is_help=True)
@@ -28,7 +29,6 @@ QuestionsOpt = Annotated[Optional[Path], typer.Option("--questions", help="The o
 AnnotationsOpt = Annotated[Optional[Path], typer.Option("--annotations", help="The official annotations JSON.")]
 CaptionsOpt = Annotated[Optional[Path], typer.Option(
     "--annotations", help="Reference captions in COCO caption format (images + annotations).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on stdout, nothing else.")]
 AllowMissingOpt = Annotated[bool, typer.Option(
     "--allow-missing", help="Score only what was predicted (the official tools require every question or image).")]
 LegacyOpt = Annotated[bool, typer.Option(
@@ -42,10 +42,8 @@ ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Image root 
 ItemsOpt = Annotated[Optional[Path], typer.Option(
     "--items", help="Images to caption: a LAVIS list of {image, img_id?} (default: the references' images).")]
 RecipeOpt = Annotated[Optional[str], typer.Option(help="Prompt/decoding recipe (default: eval/<benchmark>).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: key=value.")]
 OutOpt = Annotated[Path, typer.Option(help="Directory for runs: predictions.json and metrics.json go there.")]
 NameOpt = Annotated[Optional[str], typer.Option(help="Run name (default: <benchmark>-<model>).")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N (under a launcher: each rank's GPU).")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")]
 
 

@@ -14,6 +14,7 @@ import typer
 
 from ..errors import Blip2Error
 from . import prepare_annotations
+from .options import DeviceOpt, JsonOpt, SetOpt
 
 app = typer.Typer(help="Prepare data: download image-text datasets to webdataset shards, caption them with "
                        "CapFilt, fetch the benchmarks' annotation files.", no_args_is_help=True)
@@ -28,19 +29,23 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="Download threads
 DistributorOpt = Annotated[Optional[str], typer.Option(
     help="img2dataset distributor: multiprocessing (one node), pyspark or ray (many nodes).")]
 RecipeOpt = Annotated[Optional[str], typer.Option(help="Recipe name or YAML path (default: prepare/<source>).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: key=value.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on stdout (the summary), nothing else.")]
 
 
-def _download_recipe(source: str, recipe: str | None, overrides: list[str] | None, **options: Any):
+def _recipe(cls: type, name: str, overrides: list[str] | None, **options: Any):
+    """Recipe ``name`` with ``--set`` overrides, then the command's own options where they were given."""
     from ..config import load_recipe
-    from ..data.download import DownloadRecipe
 
-    spec = load_recipe(DownloadRecipe, recipe or f"prepare/{source}", overrides or [])
+    spec = load_recipe(cls, name, overrides or [])
     for key, value in options.items():
         if value is not None:
             setattr(spec, key, value)
     return spec
+
+
+def _download_recipe(source: str, recipe: str | None, overrides: list[str] | None, **options: Any):
+    from ..data.download import DownloadRecipe
+
+    return _recipe(DownloadRecipe, recipe or f"prepare/{source}", overrides, **options)
 
 
 def _emit(summary: dict, json_out: bool, render) -> None:
@@ -162,22 +167,19 @@ def capfilt(
                                                       "open_clip MODEL/TAG.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per batch.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed (default: the recipe's).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N (under a launcher: each rank's GPU).")] = "auto",
+    device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(help="auto (fp16 on GPU), float32, bfloat16, float16.")] = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """Caption web images with CapFilt: BLIP samples captions, CLIP keeps the best two (with the web caption
     as a candidate). Sharded over ranks under torchrun; finished shards are skipped on a rerun."""
     from ..api import quiet_transformers, resolve_device, resolve_dtype
-    from ..config import load_recipe
     from ..data.capfilt import CapFiltRecipe, list_shards, run_capfilt, summarize
     from ..train import dist
     from .progress import progress
 
-    spec = load_recipe(CapFiltRecipe, recipe or "prepare/capfilt", set_ or [])
-    for key, value in {"captioner": captioner, "ranker": ranker, "batch_size": batch_size, "seed": seed}.items():
-        if value is not None:
-            setattr(spec, key, value)
+    spec = _recipe(CapFiltRecipe, recipe or "prepare/capfilt", set_, captioner=captioner, ranker=ranker,
+                   batch_size=batch_size, seed=seed)
     inputs = list_shards(shards)
     dev = resolve_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -12,13 +12,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from .options import JsonOpt
+
 AnnOutOpt = Annotated[Optional[Path], typer.Option(
     "--out", help="Directory for the files and MANIFEST.json (default: data/<dataset>/annotations).")]
 SplitOpt = Annotated[Optional[list[str]], typer.Option(
     "--split", help="Only files of this split or role (train, val, test, test-dev, references, ...); repeatable.")]
 FromOpt = Annotated[Optional[Path], typer.Option(
     "--from", help="A directory of hand-downloaded files, searched recursively by name before downloading.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on stdout, nothing else.")]
 
 
 def run_annotations(dataset: str, out: Path | None, splits: list[str] | None, source: Path | None,

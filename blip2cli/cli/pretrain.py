@@ -8,11 +8,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from .options import SetOpt
+
 app = typer.Typer(help="Pretrain the Q-Former: stage 1 (representation) and stage 2 (generation).",
                   no_args_is_help=True)
 
 RecipeOpt = Annotated[str, typer.Option(help="Recipe name (pretrain/stage1_eva-g, tiny/stage1) or YAML file.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: a.b=c (repeatable).")]
 OutOpt = Annotated[Path, typer.Option(help="Directory that holds the runs.")]
 NameOpt = Annotated[Optional[str], typer.Option(help="Run name (default: the stage and recipe).")]
 ResumeOpt = Annotated[str, typer.Option(help="auto (continue the run's latest checkpoint), never, or a checkpoint.")]

@@ -123,7 +123,7 @@ class Captioner:
         self.device, self.dtype = device, dtype
 
     def pixels(self, image) -> torch.Tensor:
-        return self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return blip_pixels(self.processor.image_processor, image)
 
     @torch.no_grad()
     def sample(self, pixel_values: torch.Tensor, row_seeds: torch.Tensor, recipe: CapFiltRecipe) -> list[str]:
@@ -172,6 +172,11 @@ class Captioner:
                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(n)
         return cache
+
+
+def blip_pixels(image_processor, image) -> torch.Tensor:
+    """One image as the BLIP captioner's input, ``[3, H, W]``."""
+    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 def strip_prompt(text: str, prompt: str) -> str:
@@ -319,7 +324,7 @@ class _ShardImages(torch.utils.data.Dataset):
         image = decode_image(self.samples[i])
         if image is None:
             return i, None
-        blip = self.blip_preprocess(images=image, return_tensors="pt")["pixel_values"][0]
+        blip = blip_pixels(self.blip_preprocess, image)
         return i, (blip, self.clip_preprocess(image))
 
 
