@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import atomic_path
 from ..train import dist
 
 
@@ -43,9 +44,9 @@ def _merge_topk(values: torch.Tensor, index: torch.Tensor, new_values: torch.Ten
 
 
 def _save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    """Atomically, creating the run directory if this rank is the first to write there."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 @torch.inference_mode()
@@ -77,7 +78,6 @@ def retrieval_scores(model, images: Sequence[str | Path], texts: Sequence[str], 
     else:
         i2t_v, i2t_i, t2i_v, t2i_i = _itc_pass(model, net, images, text_feats, mine, k_t, k_i)
         if itc_file is not None and rank == 0:
-            work_dir.mkdir(parents=True, exist_ok=True)
             _save({"shape": shape, "i2t_v": i2t_v.cpu(), "i2t_i": i2t_i.cpu(), "t2i_v": t2i_v.cpu(),
                    "t2i_i": t2i_i.cpu()}, itc_file)
 
