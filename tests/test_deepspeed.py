@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,10 +41,23 @@ def _free_port() -> int:
 
 
 def launch(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run under the DeepSpeed launcher on two CPU ranks; on timeout the ranks are killed with it.
+
+    Extensions go to a private directory, which must stay empty: nothing is compiled just in time.
+    """
+    extensions = cwd / "torch_extensions"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(extensions)}
     cmd = [DEEPSPEED, "--num_accelerators", "2", "--master_port", str(_free_port()), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert not extensions.exists() or not any(extensions.iterdir()), "an op was compiled just in time"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")

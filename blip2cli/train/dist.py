@@ -18,6 +18,20 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def import_deepspeed():
+    """``deepspeed``, told not to build the shared-memory op its CPU backend compiles at process-group setup.
+
+    Only DeepSpeed's inference all-reduce uses that op, never training; its just-in-time compile takes minutes,
+    and a compile killed midway leaves a lock file on which every later launch waits forever.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0, without gradient."""
     if world_size() == 1:

@@ -95,8 +95,7 @@ class DeepSpeedEngine:
     """DeepSpeed ZeRO (stage from the recipe) over the same task, with a torch AdamW as its optimiser."""
 
     def __init__(self, task: nn.Module, recipe: PretrainRecipe, device: torch.device) -> None:
-        import deepspeed
-
+        deepspeed = dist.import_deepspeed()
         self.recipe = recipe
         config = deepspeed_config(recipe, dist.world_size())
         config.setdefault("zero_allow_untested_optimizer", True)

@@ -31,9 +31,7 @@ def init_distributed(with_deepspeed: bool = True) -> torch.device:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_distributed():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if with_deepspeed:
-            import deepspeed
-
-            deepspeed.init_distributed(dist_backend=backend)
+            dist.import_deepspeed().init_distributed(dist_backend=backend)
         else:
             torch.distributed.init_process_group(backend, init_method="env://")
     if torch.cuda.is_available():
