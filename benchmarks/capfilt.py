@@ -3,9 +3,12 @@
 The reference is what a user of transformers and open_clip would write: for each image,
 ``BlipForConditionalGeneration.generate(do_sample=True, top_p=0.9, num_return_sequences=10)``, then CLIP
 on the image and its 11 candidate captions, keeping the best two. blip2 runs ``blip2 prepare capfilt``'s
-shard processing (batches of images, one vision pass per image, Gumbel-max nucleus sampling, batched
+shard processing (batches of images, one vision pass and one set of cross-attention keys and values per
+image, a preallocated self-attention cache, Gumbel-max nucleus sampling, batched
 ranking). Both read the same webdataset shard of random images, with the same random models, decoding
-settings (the CapFilt recipe's), and report images/s and their ratio.
+settings (the CapFilt recipe's), and report images/s, their ratio, and the arithmetic each side does per
+image (torch's FLOP counter, on the warm-up images) with the rate it sustains: on CPU both are
+compute-bound, so the achieved GFLOP/s shows how close each comes to the machine's matmul throughput.
 
     python benchmarks/capfilt.py                        # tiny and mid-size models, CPU
     python benchmarks/capfilt.py --size mid --images 64
@@ -31,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _weights import randomise  # noqa: E402
 
+WARM = 2  # warm-up images, also those whose arithmetic is counted
 VOCAB = 30524  # BLIP's BERT vocabulary with [DEC] and [ENC]
 
 
@@ -148,6 +152,8 @@ def measure(size: str, n: int, batch: int, workers: int, device: str, dtype: str
 
     from blip2cli.api import resolve_device, resolve_dtype
     from blip2cli.config import load_recipe
+    from torch.utils.flop_counter import FlopCounterMode
+
     from blip2cli.data.capfilt import Captioner, CapFiltRecipe, Ranker, process_shard
 
     dev = resolve_device(device)
@@ -158,12 +164,14 @@ def measure(size: str, n: int, batch: int, workers: int, device: str, dtype: str
         build_captioner(root / "blip", size)
         build_clip(root / "clip", size)
         write_shard(root / "shard.tar", n)
-        write_shard(root / "warm.tar", 2)
+        write_shard(root / "warm.tar", WARM)
         recipe = dataclasses.replace(load_recipe(CapFiltRecipe, "prepare/capfilt"), captioner=str(root / "blip"),
                                      ranker=str(root / "clip"), batch_size=batch, workers=workers)
         captioner, ranker = Captioner(recipe.captioner, dev, dt), Ranker(recipe.ranker, dev, dt)
-        one_at_a_time(root / "warm.tar", captioner, ranker, recipe)
-        process_shard(root / "warm.tar", root / "out" / "warm.tar", captioner, ranker, recipe)
+        with FlopCounterMode(display=False) as reference_flops:  # also the warm-up
+            one_at_a_time(root / "warm.tar", captioner, ranker, recipe)
+        with FlopCounterMode(display=False) as our_flops:
+            process_shard(root / "warm.tar", root / "out" / "warm.tar", captioner, ranker, recipe)
 
         sync()
         start = time.perf_counter()
@@ -179,6 +187,10 @@ def measure(size: str, n: int, batch: int, workers: int, device: str, dtype: str
     return {"size": size, "device": str(dev), "dtype": str(dt).removeprefix("torch."), "images": n, "batch": batch,
             "captions_per_image": recipe.num_captions, "one_at_a_time_images_per_s": round(reference, 3),
             "blip2_images_per_s": round(ours, 3), "ratio_blip2_over_one_at_a_time": round(ours / reference, 2),
+            "one_at_a_time_gflop_per_image": round(reference_flops.get_total_flops() / WARM / 1e9, 2),
+            "blip2_gflop_per_image": round(our_flops.get_total_flops() / WARM / 1e9, 2),
+            "one_at_a_time_gflop_per_s": round(reference * reference_flops.get_total_flops() / WARM / 1e9, 1),
+            "blip2_gflop_per_s": round(ours * our_flops.get_total_flops() / WARM / 1e9, 1),
             "peak_gpu_mib": round(peak_gpu) if peak_gpu else None}
 
 

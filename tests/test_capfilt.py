@@ -20,7 +20,7 @@ import torch
 import webdataset as wds
 
 from blip2cli.data.capfilt import (Captioner, CapFiltRecipe, GumbelSampler, Ranker, gumbel_noise, read_samples,
-                                   row_seed, run_capfilt, strip_prompt)
+                                   row_seed, run_capfilt, shared_image_cross_attention, strip_prompt)
 from blip2cli.errors import Blip2Error
 
 from . import tiny
@@ -116,6 +116,25 @@ def test_sampling_at_vanishing_top_p_is_transformers_greedy_search(models):
     expected = [strip_prompt(t, recipe.prompt) for t in processor.batch_decode(ids, skip_special_tokens=True)]
     assert ours == [t for t in expected for _ in range(3)]
     assert len(set(expected)) > 1
+
+
+def test_shared_image_cross_attention_equals_the_decoder_on_repeated_images(models):
+    """Groups of rows attending to their image's keys and values computed once give the decoder's own logits
+    on per-row copies of the image tokens; the decoder's modules are restored afterwards."""
+    from transformers import BlipForConditionalGeneration
+
+    model = BlipForConditionalGeneration.from_pretrained(models[0]).eval()
+    decoder, group = model.text_decoder, 3
+    torch.manual_seed(0)
+    embeds = torch.randn(2, 5, model.config.text_config.encoder_hidden_size)
+    ids = torch.randint(5, model.config.text_config.vocab_size, (2 * group, 4))
+    originals = [layer.crossattention.self for layer in decoder.bert.encoder.layer]
+    with torch.no_grad():
+        expected = decoder(input_ids=ids, encoder_hidden_states=embeds.repeat_interleave(group, dim=0)).logits
+        with shared_image_cross_attention(decoder, embeds):
+            got = decoder(input_ids=ids, encoder_hidden_states=embeds).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert [layer.crossattention.self for layer in decoder.bert.encoder.layer] == originals
 
 
 def test_kept_captions_are_the_top_two_by_direct_clip_similarity(models, shards, tmp_path):

@@ -10,6 +10,7 @@ them per visit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -133,21 +134,20 @@ class Captioner:
         n = recipe.num_captions
         embeds = self.model.vision_model(pixel_values=pixel_values.to(self.device, self.dtype))[0]
         prompt = self._prompt_ids(recipe.prompt)
-        cache = self._prefill(prompt, embeds, n)
-        rows = embeds.shape[0] * n
-        input_ids = prompt.repeat(rows, 1)
-        embeds = embeds.repeat_interleave(n, dim=0)
+        decoder = self.model.text_decoder
         processors = LogitsProcessorList([TopPLogitsWarper(recipe.top_p), GumbelSampler(row_seeds.to(self.device))])
-        out = self.model.text_decoder.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
-            encoder_hidden_states=embeds,
-            encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=self.device),
-            eos_token_id=self.model.config.text_config.sep_token_id,
-            pad_token_id=self.model.config.text_config.pad_token_id,
-            max_length=recipe.max_length, min_length=recipe.min_length,
-            repetition_penalty=recipe.repetition_penalty, do_sample=False, num_beams=1,
-            logits_processor=processors,
-        )
+        with shared_image_cross_attention(decoder, embeds):
+            cache = self._prefill(prompt, embeds, n, recipe.max_length)
+            input_ids = prompt.repeat(embeds.shape[0] * n, 1)
+            out = decoder.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
+                encoder_hidden_states=embeds,
+                eos_token_id=self.model.config.text_config.sep_token_id,
+                pad_token_id=self.model.config.text_config.pad_token_id,
+                max_length=recipe.max_length, min_length=recipe.min_length,
+                repetition_penalty=recipe.repetition_penalty, do_sample=False, num_beams=1,
+                logits_processor=processors,
+            )
         texts = self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [strip_prompt(t, recipe.prompt) for t in texts]
 
@@ -158,20 +158,87 @@ class Captioner:
         ids[:, 0] = self.model.config.text_config.bos_token_id
         return ids[:, :-1].to(self.device)
 
-    def _prefill(self, prompt: torch.Tensor, embeds: torch.Tensor, n: int):
-        """The decoder cache after all but the last prompt token, computed once per image and then
-        repeated for its ``n`` captions: the cross-attention keys and values over the image tokens are the
-        bulk of it, and are the same for every caption of an image."""
-        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
+    def _prefill(self, prompt: torch.Tensor, embeds: torch.Tensor, n: int, capacity: int):
+        """The decoder's self-attention cache after all but the last prompt token, computed once per image and
+        then repeated for its ``n`` captions."""
         if prompt.shape[1] < 2:
             return None
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        cache = _buffered_cache(capacity)
         ids = prompt[:, :-1].repeat(embeds.shape[0], 1)
         self.model.text_decoder(input_ids=ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=embeds,
                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(n)
         return cache
+
+
+def _buffered_cache(capacity: int):
+    """A transformers ``DynamicCache`` whose layers write each step into a buffer of ``capacity`` positions rather
+    than concatenating new keys and values at every step (copies that grow with the square of the length)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class BufferedLayer(DynamicLayer):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.dtype, self.device, self.length = key_states.dtype, key_states.device, 0
+                self.buffers = [x.new_empty((*x.shape[:2], capacity, x.shape[-1])) for x in (key_states, value_states)]
+                self.is_initialized = True
+            end = self.length + key_states.shape[-2]
+            for buffer, x in zip(self.buffers, (key_states, value_states)):
+                buffer[:, :, self.length:end] = x
+            self.length = end
+            self.keys, self.values = (buffer[:, :, :end] for buffer in self.buffers)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length if self.is_initialized else 0
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                self.buffers = [buffer.repeat_interleave(repeats, dim=0) for buffer in self.buffers]
+                self.keys, self.values = (buffer[:, :, :self.length] for buffer in self.buffers)
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = BufferedLayer
+    return cache
+
+
+class SharedImageCrossAttention(torch.nn.Module):
+    """A BLIP decoder layer's cross-attention for rows that come in equal groups per image (the captions of
+    one image, image-major): each image's keys and values are computed once and every row of its group
+    attends to them, instead of each caption carrying a copy. The image tokens have no padding, so there
+    is no mask; the arithmetic is the layer's own (scaled dot product, softmax, no dropout in eval)."""
+
+    def __init__(self, attention: torch.nn.Module, image_embeds: torch.Tensor):
+        super().__init__()
+        self.query = attention.query
+        self.heads, self.head_size = attention.num_attention_heads, attention.attention_head_size
+        shape = (*image_embeds.shape[:-1], self.heads, self.head_size)
+        self.keys = attention.key(image_embeds).view(shape).transpose(1, 2)
+        self.values = attention.value(image_embeds).view(shape).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        rows, length, _ = hidden_states.shape
+        images = self.keys.shape[0]
+        if rows % images:
+            raise ValueError(f"{rows} decoder rows do not split evenly over {images} images")
+        query = self.query(hidden_states).view(images, rows // images * length, self.heads, self.head_size)
+        context = torch.nn.functional.scaled_dot_product_attention(query.transpose(1, 2), self.keys, self.values)
+        return context.transpose(1, 2).reshape(rows, length, self.heads * self.head_size), None
+
+
+@contextlib.contextmanager
+def shared_image_cross_attention(decoder: torch.nn.Module, image_embeds: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``decoder`` (a transformers ``BlipTextLMHeadModel``) attends to ``image_embeds`` through
+    :class:`SharedImageCrossAttention`; its own cross-attention modules are put back afterwards."""
+    layers = decoder.bert.encoder.layer
+    originals = [layer.crossattention.self for layer in layers]
+    try:
+        for layer, attention in zip(layers, originals):
+            layer.crossattention.self = SharedImageCrossAttention(attention, image_embeds)
+        yield
+    finally:
+        for layer, attention in zip(layers, originals):
+            layer.crossattention.self = attention
 
 
 def blip_pixels(image_processor, image) -> torch.Tensor:
