@@ -1,7 +1,7 @@
 """CapFilt speed: blip2's batched CapFilt against captioning and ranking one image at a time.
 
 The reference is what a user of transformers and open_clip would write: for each image,
-``BlipForConditionalGeneration.generate(do_sample=True, top_p=0.9, num_return_sequences=10)``, then CLIP
+``BlipForConditionalGeneration.generate(do_sample=True, top_k=50, top_p=0.9, num_return_sequences=10)``, then CLIP
 on the image and its 11 candidate captions, keeping the best two. blip2 runs ``blip2 prepare capfilt``'s
 shard processing (batches of images, one vision pass and one set of cross-attention keys and values per
 image, a preallocated self-attention cache, Gumbel-max nucleus sampling, batched
@@ -46,9 +46,10 @@ def bert_vocab_tokenizer(path: Path):
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     words = ["a", "picture", "of", "photo", "the", "on", "in", "with", "and", "dog", "cat", "table", "red"]
     pieces = [f"w{i}" for i in range(VOCAB - 2 - len(specials) - len(words))]
-    (path / "vocab.txt").write_text("\n".join(specials + words + pieces) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(vocab={token: i for i, token in enumerate(specials + words + pieces)}, do_lower_case=True)
     tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    if len(tok) != VOCAB:
+        raise RuntimeError(f"the benchmark tokenizer has {len(tok)} tokens, not {VOCAB}")
     return tok
 
 
@@ -82,6 +83,33 @@ def build_captioner(path: Path, size: str) -> None:
     side = vision["image_size"]
     BlipProcessor(image_processor=BlipImageProcessor(size={"height": side, "width": side}),
                   tokenizer=tok).save_pretrained(path)
+
+
+def make_endings_likely(path: Path, bias: float) -> None:
+    """Add ``bias`` to the end token's logit, so that captions of random weights end at various lengths as real
+    captions do, instead of all running to the maximum length."""
+    import torch
+    from transformers import BlipForConditionalGeneration
+
+    model = BlipForConditionalGeneration.from_pretrained(path)
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.decoder.bias[model.config.text_config.sep_token_id] += bias
+    model.save_pretrained(path)
+
+
+def mean_caption_tokens(captioner, shard: Path, recipe) -> float:
+    """The mean length in tokens, prompt included, of the captions sampled for the images of ``shard``."""
+    import torch
+    from PIL import Image
+
+    from blip2cli.data.capfilt import read_samples, row_seed
+
+    samples = list(read_samples(shard))
+    pixels = torch.stack([captioner.pixels(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in samples])
+    seeds = torch.tensor([row_seed(0, s["__key__"], j) for s in samples for j in range(recipe.num_captions)])
+    texts = captioner.sample(pixels, seeds, recipe)
+    lengths = [len(captioner.processor.tokenizer(recipe.prompt + t)["input_ids"]) - 1 for t in texts]
+    return sum(lengths) / len(lengths)
 
 
 def build_clip(path: Path, size: str) -> None:
@@ -136,7 +164,8 @@ def one_at_a_time(shard: Path, captioner, ranker, recipe) -> int:
         inputs = processor(images=image, text=recipe.prompt, return_tensors="pt").to(captioner.device)
         with torch.inference_mode():
             ids = model.generate(pixel_values=inputs["pixel_values"].to(captioner.dtype), input_ids=inputs["input_ids"],
-                                 do_sample=True, top_p=recipe.top_p, num_return_sequences=recipe.num_captions,
+                                 do_sample=True, top_k=recipe.top_k, top_p=recipe.top_p,
+                                 num_return_sequences=recipe.num_captions,
                                  max_length=recipe.max_length, min_length=recipe.min_length,
                                  repetition_penalty=recipe.repetition_penalty)
         texts = [strip_prompt(t, recipe.prompt) for t in processor.batch_decode(ids, skip_special_tokens=True)]
@@ -147,7 +176,7 @@ def one_at_a_time(shard: Path, captioner, ranker, recipe) -> int:
     return done
 
 
-def measure(size: str, n: int, batch: int, workers: int, device: str, dtype: str) -> dict:
+def measure(size: str, n: int, batch: int, workers: int, device: str, dtype: str, end_bias: float) -> dict:
     import torch
 
     from blip2cli.api import resolve_device, resolve_dtype
@@ -162,6 +191,8 @@ def measure(size: str, n: int, batch: int, workers: int, device: str, dtype: str
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build_captioner(root / "blip", size)
+        if end_bias:
+            make_endings_likely(root / "blip", end_bias)
         build_clip(root / "clip", size)
         write_shard(root / "shard.tar", n)
         write_shard(root / "warm.tar", WARM)
@@ -173,6 +204,7 @@ def measure(size: str, n: int, batch: int, workers: int, device: str, dtype: str
         with FlopCounterMode(display=False) as our_flops:
             process_shard(root / "warm.tar", root / "out" / "warm.tar", captioner, ranker, recipe)
 
+        tokens = mean_caption_tokens(captioner, root / "warm.tar", recipe)
         sync()
         start = time.perf_counter()
         one_at_a_time(root / "shard.tar", captioner, ranker, recipe)
@@ -185,7 +217,8 @@ def measure(size: str, n: int, batch: int, workers: int, device: str, dtype: str
         ours = stats["captioned"] / (time.perf_counter() - start)
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
     return {"size": size, "device": str(dev), "dtype": str(dt).removeprefix("torch."), "images": n, "batch": batch,
-            "captions_per_image": recipe.num_captions, "one_at_a_time_images_per_s": round(reference, 3),
+            "captions_per_image": recipe.num_captions, "end_bias": end_bias, "mean_caption_tokens": round(tokens, 1),
+            "one_at_a_time_images_per_s": round(reference, 3),
             "blip2_images_per_s": round(ours, 3), "ratio_blip2_over_one_at_a_time": round(ours / reference, 2),
             "one_at_a_time_gflop_per_image": round(reference_flops.get_total_flops() / WARM / 1e9, 2),
             "blip2_gflop_per_image": round(our_flops.get_total_flops() / WARM / 1e9, 2),
@@ -203,10 +236,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="image-decoding processes for blip2")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--end-bias", type=float, default=0.0,
+                        help="added to the end token's logit so captions end at various lengths, as real ones do "
+                             "(0: random weights as they are; their captions run to the maximum length)")
     args = parser.parse_args()
     sizes = ["tiny", "mid"] if args.size == "both" else [args.size]
     for size in sizes:
-        print(json.dumps(measure(size, args.images, args.batch, args.workers, args.device, args.dtype)), flush=True)
+        result = measure(size, args.images, args.batch, args.workers, args.device, args.dtype, args.end_bias)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from blip2cli.data.capfilt import (Captioner, CapFiltRecipe, GumbelSampler, Ranker, gumbel_noise, read_samples,
-                                   row_seed, run_capfilt, shared_image_cross_attention, strip_prompt)
+from blip2cli.data.capfilt import (Captioner, CapFiltRecipe, NucleusSampler, Ranker, read_samples, row_seed,
+                                   run_capfilt, shared_image_cross_attention, strip_prompt, uniform_at)
 from blip2cli.errors import Blip2Error
 
 from . import tiny
@@ -80,18 +80,40 @@ def _outputs(out: Path) -> dict[str, dict]:
     return found
 
 
-def test_gumbel_max_draws_from_the_distribution():
-    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
-    logits = torch.log(probs).expand(40000, -1)
-    seeds = torch.arange(40000)
-    sampler = GumbelSampler(seeds)
-    picks = sampler(torch.zeros(40000, 7, dtype=torch.long), logits).argmax(-1)
-    freq = torch.bincount(picks, minlength=5).float() / len(picks)
-    assert torch.allclose(freq, probs, atol=0.01), freq
-    assert freq[4] == 0  # a token top-p removed (probability 0) is never drawn
-    # a pure function of (seed, step, token): the same inputs give the same noise, another step another one
-    assert torch.equal(gumbel_noise(seeds[:3], 7, 11), gumbel_noise(seeds[:3], 7, 11))
-    assert not torch.equal(gumbel_noise(seeds[:3], 7, 11), gumbel_noise(seeds[:3], 8, 11))
+def test_nucleus_sampler_draws_from_transformers_top_p_nucleus():
+    """The nucleus is the set transformers' ``TopKLogitsWarper`` and ``TopPLogitsWarper`` keep, and draws
+    follow the renormalised probabilities within it; a draw is a pure function of (row seed, step)."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 12) * 0.7  # every token has a few percent of the mass: 1000 draws see them all
+    for top_p, top_k in ((0.3, 0), (0.9, 0), (0.9, 5), (0.5, 8)):
+        kept = torch.isfinite(TopPLogitsWarper(top_p)(None, TopKLogitsWarper(top_k)(None, logits.clone())
+                                                      if top_k else logits.clone()))
+        sampler = NucleusSampler(top_p, torch.arange(64), top_k)
+        drawn = torch.stack([sampler.draw(logits, torch.arange(64) + 1000 * k, 7) for k in range(1000)], dim=1)
+        assert kept.gather(1, drawn).all()  # never outside the nucleus
+        assert torch.equal(kept, torch.zeros_like(kept).scatter_(1, drawn, True))  # every nucleus token is drawn
+
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1 - 1e-4, 1e-4])
+    rows = 40000
+    sampler = NucleusSampler(0.95, torch.arange(rows))  # the nucleus: the first four tokens
+    picks = sampler(torch.zeros(rows, 7, dtype=torch.long), torch.log(probs).expand(rows, -1)).argmax(-1)
+    freq = torch.bincount(picks, minlength=5).float() / rows
+    assert torch.allclose(freq[:4], probs[:4] / probs[:4].sum(), atol=0.01), freq
+    assert freq[4] == 0  # beyond the nucleus: never drawn
+    top3 = NucleusSampler(0.95, torch.arange(rows), top_k=3)  # the top three, renormalised: all of their mass
+    picks = top3(torch.zeros(rows, 7, dtype=torch.long), torch.log(probs).expand(rows, -1)).argmax(-1)
+    freq = torch.bincount(picks, minlength=5).float() / rows
+    assert torch.allclose(freq[:3], probs[:3] / probs[:3].sum(), atol=0.01) and freq[3:].sum() == 0, freq
+    # a vanishing top-p keeps the most probable token only; most rows run out of proposals and are drawn sorted
+    flat = torch.randn(64, 12) * 0.1
+    tiny_p = NucleusSampler(1e-6, torch.arange(64), proposals=2)
+    assert torch.equal(tiny_p.draw(flat, torch.arange(64), 3), flat.argmax(dim=-1))
+    seeds = torch.arange(3)
+    assert torch.equal(uniform_at(seeds, 7), uniform_at(seeds, 7))
+    assert not torch.equal(uniform_at(seeds, 7, 1), uniform_at(seeds, 7, 2))
+    assert not torch.equal(uniform_at(seeds, 7), uniform_at(seeds, 8))
     assert row_seed(0, "k", 1) != row_seed(0, "k", 2) and row_seed(0, "k", 1) == row_seed(0, "k", 1)
 
 
@@ -135,6 +157,51 @@ def test_shared_image_cross_attention_equals_the_decoder_on_repeated_images(mode
             got = decoder(input_ids=ids, encoder_hidden_states=embeds).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert [layer.crossattention.self for layer in decoder.bert.encoder.layer] == originals
+
+
+def _likely_end(captioner: Path, path: Path) -> Path:
+    """The tiny captioner with its end token made likely, so that captions end at different steps."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    model = BlipForConditionalGeneration.from_pretrained(captioner)
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.decoder.bias[model.config.text_config.sep_token_id] += 4.0
+    model.save_pretrained(path)
+    BlipProcessor.from_pretrained(captioner).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("top_k", [50, 0])
+def test_an_image_leaves_the_batch_once_its_captions_have_ended(models, tmp_path, top_k):
+    """Captions that end at different steps are still exactly transformers' ``generate`` with the same processors
+    on a copy of the image per caption, while an image whose captions have all ended is no longer computed."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor, LogitsProcessorList
+
+    path = _likely_end(models[0], tmp_path / "blip")
+    recipe = _recipe((path, models[1]), min_length=6, top_k=top_k)
+    captioner = Captioner(recipe.captioner, CPU, torch.float32)
+    images = [tiny.draw_image(i) for i in range(4)]
+    n = recipe.num_captions
+    pixels = torch.stack([captioner.pixels(im) for im in images])
+    seeds = torch.tensor([row_seed(0, str(i), j) for i in range(4) for j in range(n)])
+    rows = []
+    hook = captioner.model.text_decoder.bert.embeddings.register_forward_hook(lambda m, i, o: rows.append(len(o)))
+    ours = captioner.sample(pixels, seeds, recipe)
+    hook.remove()
+
+    reference = BlipForConditionalGeneration.from_pretrained(path).eval()
+    processor = BlipProcessor.from_pretrained(path)
+    inputs = processor(images=images, text=[recipe.prompt] * 4, return_tensors="pt")
+    ids = reference.generate(pixel_values=inputs["pixel_values"].repeat_interleave(n, dim=0),
+                             input_ids=inputs["input_ids"].repeat_interleave(n, dim=0),
+                             max_length=recipe.max_length, min_length=recipe.min_length,
+                             repetition_penalty=recipe.repetition_penalty, num_beams=1, do_sample=False,
+                             logits_processor=LogitsProcessorList([NucleusSampler(recipe.top_p, seeds,
+                                                                                  recipe.top_k)]))
+    assert ours == [strip_prompt(t, recipe.prompt) for t in processor.batch_decode(ids, skip_special_tokens=True)]
+    lengths = (ids != processor.tokenizer.pad_token_id).sum(dim=1)
+    assert lengths.min() < lengths.max()  # captions end at different steps
+    assert rows[1] == 4 * n and rows[-1] < 4 * n and all(r % n == 0 for r in rows[1:])  # whole images leave
 
 
 def test_kept_captions_are_the_top_two_by_direct_clip_similarity(models, shards, tmp_path):

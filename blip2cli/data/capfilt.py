@@ -1,9 +1,9 @@
 """CapFilt as BLIP-2 used it: a BLIP captioner samples captions for each web image, CLIP ranks them
 together with the web caption by image-text cosine similarity, and the top ones are kept with their scores.
 
-Sampling is nucleus sampling done as Gumbel-max: each row's noise is a hash of (seed, sample key, caption
-index, step, token), so the captions of an image do not depend on the batch it is in, on the number of
-processes, or on the device. Output shards carry every input member unchanged, with the kept captions
+Sampling is nucleus sampling by inverting the nucleus's cumulative distribution at a uniform number hashed
+from (seed, sample key, caption index, step), so the captions of an image do not depend on the batch it is
+in or on the number of processes. Output shards carry every input member unchanged, with the kept captions
 added to the json as ``"captions": [{"text", "score", "source"}]``; the pretraining loader draws one of
 them per visit.
 """
@@ -40,6 +40,7 @@ class CapFiltRecipe:
     prompt: str = "a picture of "
     num_captions: int = 10
     top_p: float = 0.9
+    top_k: int = 50  # 0: none
     max_length: int = 30  # tokens, the prompt included (BLIP counts this way)
     min_length: int = 10
     repetition_penalty: float = 1.0
@@ -49,7 +50,7 @@ class CapFiltRecipe:
     seed: int = 0
 
 
-# --- counter-based noise ------------------------------------------------------------------------------
+# --- counter-based sampling ------------------------------------------------------------------------------
 
 
 def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
@@ -67,18 +68,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_at(seeds: torch.Tensor, step: int, tokens: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise for each (row seed, token id) pair (broadcast), a pure function of
-    (seed, step, token)."""
-    h = _mix32(_mix32(seeds.to(torch.int64) & _MASK32) ^ (step & _MASK32))
-    x = _mix32((h + _mul32(tokens.to(torch.int64), 0x9E3779B9)) & _MASK32)
-    u = ((x >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
-    return -torch.log(-torch.log(u))
-
-
-def gumbel_noise(row_seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """The noise of every token: ``[rows, vocab]``."""
-    return gumbel_at(row_seeds[:, None], step, torch.arange(vocab, device=row_seeds.device)[None, :])
+def uniform_at(seeds: torch.Tensor, step: int, draw: int = 0) -> torch.Tensor:
+    """One uniform number in (0, 1) per row seed, a pure function of (seed, step, draw)."""
+    x = _mix32(_mix32(seeds.to(torch.int64) & _MASK32) ^ (step & _MASK32))
+    if draw:
+        x = _mix32(x ^ _mul32(torch.full_like(x, draw), 0x9E3779B9))
+    return ((x >> 8).to(torch.float32) + 0.5) / float(1 << 24)
 
 
 def row_seed(seed: int, key: str, index: int) -> int:
@@ -87,21 +82,65 @@ def row_seed(seed: int, key: str, index: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-class GumbelSampler:
-    """A logits processor that turns greedy decoding into sampling: each candidate token's score gets
-    its Gumbel noise, so the argmax is a draw from the (already top-p filtered) distribution. Noise is
-    computed for the tokens top-p kept only; the softmax normaliser is a per-row constant the argmax
-    ignores, so scores stay unnormalised."""
+class NucleusSampler:
+    """A logits processor that draws the next token as transformers' sampling does with ``TopKLogitsWarper``
+    then ``TopPLogitsWarper``, and returns scores whose argmax is that token (0 there, -inf elsewhere), so
+    greedy decoding with it is sampling.
 
-    def __init__(self, row_seeds: torch.Tensor):
-        self.row_seeds = row_seeds
+    The nucleus is the most probable tokens (among the ``top_k`` best, when set) up to mass ``top_p``, the
+    token that crosses it included. With ``top_k`` the draw inverts the nucleus's cumulative distribution over
+    the ``top_k`` best tokens. Without it, a draw proposes a token from the whole distribution (inverting its
+    cumulative sum in vocabulary order) and accepts it if the mass of the more probable tokens is below
+    ``top_p``, i.e. if it is in the nucleus: accepted tokens follow the nucleus's renormalised distribution,
+    and as the nucleus holds at least ``top_p`` of the mass one proposal almost always suffices, with no sort
+    over the vocabulary (rows still rejected after ``proposals`` tries, possible only at tiny ``top_p``, are
+    drawn from the sorted nucleus). Every uniform number is a pure function of (row seed, step, proposal), so
+    a caption does not depend on the batch it is decoded in."""
+
+    def __init__(self, top_p: float, row_seeds: torch.Tensor, top_k: int = 0, proposals: int = 16):
+        self.top_p, self.top_k, self.row_seeds, self.proposals = top_p, top_k, row_seeds, proposals
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        rows, tokens = torch.isfinite(scores).nonzero(as_tuple=True)
+        chosen = self.draw(scores, self.row_seeds.to(scores.device), input_ids.shape[1])
         out = torch.full(scores.shape, -torch.inf, dtype=torch.float32, device=scores.device)
-        noise = gumbel_at(self.row_seeds[rows], input_ids.shape[1], tokens)
-        out[rows, tokens] = scores[rows, tokens].float() + noise
-        return out
+        return out.scatter_(1, chosen[:, None], 0.0)
+
+    def draw(self, scores: torch.Tensor, row_seeds: torch.Tensor, step: int) -> torch.Tensor:
+        """The token drawn for each row of ``scores`` ``[rows, vocab]``."""
+        scores = scores.float()
+        if 0 < self.top_k < scores.shape[-1]:
+            best, order = scores.topk(self.top_k, dim=-1)  # sorted, most probable first
+            return order.gather(1, self._in_order(best.softmax(dim=-1), row_seeds, step, 0)).squeeze(1)
+        probs = scores.softmax(dim=-1)
+        cumulative = probs.cumsum(dim=-1)
+        chosen, accepted = self._propose(probs, cumulative, row_seeds, step, 0)
+        pending = (~accepted).nonzero().squeeze(1)
+        for proposal in range(1, self.proposals):
+            if not len(pending):
+                return chosen
+            token, accepted = self._propose(probs[pending], cumulative[pending], row_seeds[pending], step, proposal)
+            chosen[pending[accepted]] = token[accepted]
+            pending = pending[~accepted]
+        if len(pending):
+            ordered, order = probs[pending].sort(dim=-1, descending=True)
+            index = self._in_order(ordered, row_seeds[pending], step, self.proposals)
+            chosen[pending] = order.gather(1, index).squeeze(1)
+        return chosen
+
+    def _propose(self, probs: torch.Tensor, cumulative: torch.Tensor, row_seeds: torch.Tensor, step: int,
+                 proposal: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A token per row drawn from ``probs``, and whether it lies in the nucleus."""
+        target = uniform_at(row_seeds, step, proposal)[:, None] * cumulative[:, -1:]
+        token = torch.searchsorted(cumulative, target).clamp(max=probs.shape[1] - 1)
+        above = torch.where(probs > probs.gather(1, token), probs, 0.0).sum(dim=-1)
+        return token.squeeze(1), above < self.top_p
+
+    def _in_order(self, ordered: torch.Tensor, row_seeds: torch.Tensor, step: int, draw: int) -> torch.Tensor:
+        """``[rows, 1]``: the position drawn from probabilities sorted most probable first, within the nucleus."""
+        cumulative = ordered.cumsum(dim=-1)
+        size = (cumulative - ordered < self.top_p).sum(dim=-1, keepdim=True).clamp(min=1)
+        target = uniform_at(row_seeds, step, draw)[:, None] * cumulative.gather(1, size - 1)
+        return torch.searchsorted(cumulative, target).clamp(max=size - 1)
 
 
 # --- models -------------------------------------------------------------------------------------------
@@ -129,27 +168,49 @@ class Captioner:
     @torch.no_grad()
     def sample(self, pixel_values: torch.Tensor, row_seeds: torch.Tensor, recipe: CapFiltRecipe) -> list[str]:
         """``num_captions`` sampled captions per image, image-major, without the prompt."""
-        from transformers import LogitsProcessorList, TopPLogitsWarper
-
-        n = recipe.num_captions
         embeds = self.model.vision_model(pixel_values=pixel_values.to(self.device, self.dtype))[0]
-        prompt = self._prompt_ids(recipe.prompt)
-        decoder = self.model.text_decoder
-        processors = LogitsProcessorList([TopPLogitsWarper(recipe.top_p), GumbelSampler(row_seeds.to(self.device))])
-        with shared_image_cross_attention(decoder, embeds):
-            cache = self._prefill(prompt, embeds, n, recipe.max_length)
-            input_ids = prompt.repeat(embeds.shape[0] * n, 1)
-            out = decoder.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
-                encoder_hidden_states=embeds,
-                eos_token_id=self.model.config.text_config.sep_token_id,
-                pad_token_id=self.model.config.text_config.pad_token_id,
-                max_length=recipe.max_length, min_length=recipe.min_length,
-                repetition_penalty=recipe.repetition_penalty, do_sample=False, num_beams=1,
-                logits_processor=processors,
-            )
-        texts = self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)
+        tokens = self._decode(embeds, self._prompt_ids(recipe.prompt), row_seeds.to(self.device), recipe)
+        texts = self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         return [strip_prompt(t, recipe.prompt) for t in texts]
+
+    def _decode(self, embeds: torch.Tensor, prompt: torch.Tensor, row_seeds: torch.Tensor,
+                recipe: CapFiltRecipe) -> torch.Tensor:
+        """Token ids ``[images * n, <= max_length]``, as transformers' ``generate`` with the recipe's repetition
+        penalty and minimum length followed by :class:`NucleusSampler` would give them (a finished caption is
+        padded), except that an image leaves the batch once all of its captions have ended."""
+        from transformers import LogitsProcessorList, MinLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+        config = self.model.config.text_config
+        eos, pad = config.sep_token_id, config.pad_token_id
+        images, n = embeds.shape[0], recipe.num_captions
+        processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(recipe.repetition_penalty),
+                                          MinLengthLogitsProcessor(recipe.min_length, eos, device=self.device)])
+        sampler = NucleusSampler(recipe.top_p, row_seeds, recipe.top_k)
+        decoder = self.model.text_decoder
+        tokens = prompt.repeat(images * n, 1)
+        ended = torch.zeros(images * n, dtype=torch.bool, device=self.device)
+        live = torch.arange(images * n, device=self.device)  # the rows still in the batch, image-major
+        with shared_image_cross_attention(decoder, embeds) as attention:
+            cache = self._prefill(prompt, embeds, n, recipe.max_length)
+            while tokens.shape[1] < recipe.max_length:
+                past = tokens[live]
+                logits = decoder(input_ids=past[:, -1:], past_key_values=cache, encoder_hidden_states=embeds,
+                                 use_cache=True).logits[:, -1].float()
+                drawn = sampler.draw(processors(past, logits), row_seeds[live], past.shape[1])
+                step = torch.where(ended[live], pad, drawn)
+                column = torch.full_like(ended, pad, dtype=tokens.dtype)
+                column[live] = step
+                tokens = torch.cat([tokens, column[:, None]], dim=1)
+                ended[live] |= step == eos
+                image_done = ended[live].view(-1, n).all(dim=1)
+                if bool(image_done.all()):
+                    break
+                if bool(image_done.any()):
+                    keep = ~image_done
+                    live = live.view(-1, n)[keep].flatten()
+                    attention.keep(keep)
+                    cache.batch_select_indices(keep.repeat_interleave(n).nonzero().squeeze(1))
+        return tokens
 
     def _prompt_ids(self, prompt: str) -> torch.Tensor:
         """``[1, P]``: as BLIP, the tokenised prompt with its first token made the decoder's BOS and the
@@ -161,9 +222,9 @@ class Captioner:
     def _prefill(self, prompt: torch.Tensor, embeds: torch.Tensor, n: int, capacity: int):
         """The decoder's self-attention cache after all but the last prompt token, computed once per image and
         then repeated for its ``n`` captions."""
-        if prompt.shape[1] < 2:
-            return None
         cache = _buffered_cache(capacity)
+        if prompt.shape[1] < 2:
+            return cache
         ids = prompt[:, :-1].repeat(embeds.shape[0], 1)
         self.model.text_decoder(input_ids=ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=embeds,
                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -194,8 +255,15 @@ def _buffered_cache(capacity: int):
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             if self.is_initialized:
-                self.buffers = [buffer.repeat_interleave(repeats, dim=0) for buffer in self.buffers]
-                self.keys, self.values = (buffer[:, :, :self.length] for buffer in self.buffers)
+                self._narrow([buffer.repeat_interleave(repeats, dim=0) for buffer in self.buffers])
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.is_initialized:
+                self._narrow([buffer[indices] for buffer in self.buffers])
+
+        def _narrow(self, buffers: list[torch.Tensor]) -> None:
+            self.buffers = buffers
+            self.keys, self.values = (buffer[:, :, :self.length] for buffer in buffers)
 
     cache = DynamicCache()
     cache.layer_class_to_replicate = BufferedLayer
@@ -216,6 +284,10 @@ class SharedImageCrossAttention(torch.nn.Module):
         self.keys = attention.key(image_embeds).view(shape).transpose(1, 2)
         self.values = attention.value(image_embeds).view(shape).transpose(1, 2)
 
+    def keep(self, images: torch.Tensor) -> None:
+        """Keep only the ``images`` (an index or mask) from now on."""
+        self.keys, self.values = self.keys[images], self.values[images]
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
         rows, length, _ = hidden_states.shape
         images = self.keys.shape[0]
@@ -226,16 +298,29 @@ class SharedImageCrossAttention(torch.nn.Module):
         return context.transpose(1, 2).reshape(rows, length, self.heads * self.head_size), None
 
 
+class _SharedImages:
+    """The :class:`SharedImageCrossAttention` modules of one decoder, narrowed together."""
+
+    def __init__(self, modules: list[SharedImageCrossAttention]):
+        self.modules = modules
+
+    def keep(self, images: torch.Tensor) -> None:
+        for module in self.modules:
+            module.keep(images)
+
+
 @contextlib.contextmanager
-def shared_image_cross_attention(decoder: torch.nn.Module, image_embeds: torch.Tensor) -> Iterator[None]:
+def shared_image_cross_attention(decoder: torch.nn.Module, image_embeds: torch.Tensor) -> Iterator[_SharedImages]:
     """Within the block, ``decoder`` (a transformers ``BlipTextLMHeadModel``) attends to ``image_embeds`` through
-    :class:`SharedImageCrossAttention`; its own cross-attention modules are put back afterwards."""
+    :class:`SharedImageCrossAttention` (the ``encoder_hidden_states`` it is given only switch cross-attention on);
+    its own cross-attention modules are put back afterwards."""
     layers = decoder.bert.encoder.layer
     originals = [layer.crossattention.self for layer in layers]
     try:
-        for layer, attention in zip(layers, originals):
-            layer.crossattention.self = SharedImageCrossAttention(attention, image_embeds)
-        yield
+        shared = [SharedImageCrossAttention(attention, image_embeds) for attention in originals]
+        for layer, attention in zip(layers, shared):
+            layer.crossattention.self = attention
+        yield _SharedImages(shared)
     finally:
         for layer, attention in zip(layers, originals):
             layer.crossattention.self = attention
