@@ -22,7 +22,8 @@ def import_deepspeed():
     """``deepspeed``, told not to build the shared-memory op its CPU backend compiles at process-group setup.
 
     Only DeepSpeed's inference all-reduce uses that op, never training; its just-in-time compile takes minutes,
-    and a compile killed midway leaves a lock file on which every later launch waits forever.
+    a compile killed midway leaves a lock file on which every later launch waits forever, and each rank of
+    each launch leaves a 66 MB buffer in ``/dev/shm``.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
