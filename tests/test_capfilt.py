@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,25 +160,13 @@ def test_shared_image_cross_attention_equals_the_decoder_on_repeated_images(mode
     assert [layer.crossattention.self for layer in decoder.bert.encoder.layer] == originals
 
 
-def _likely_end(captioner: Path, path: Path) -> Path:
-    """The tiny captioner with its end token made likely, so that captions end at different steps."""
-    from transformers import BlipForConditionalGeneration, BlipProcessor
-
-    model = BlipForConditionalGeneration.from_pretrained(captioner)
-    with torch.no_grad():
-        model.text_decoder.cls.predictions.decoder.bias[model.config.text_config.sep_token_id] += 4.0
-    model.save_pretrained(path)
-    BlipProcessor.from_pretrained(captioner).save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("top_k", [50, 0])
 def test_an_image_leaves_the_batch_once_its_captions_have_ended(models, tmp_path, top_k):
     """Captions that end at different steps are still exactly transformers' ``generate`` with the same processors
     on a copy of the image per caption, while an image whose captions have all ended is no longer computed."""
     from transformers import BlipForConditionalGeneration, BlipProcessor, LogitsProcessorList
 
-    path = _likely_end(models[0], tmp_path / "blip")
+    path = tiny.make_endings_likely(Path(shutil.copytree(models[0], tmp_path / "blip")), 4.0)
     recipe = _recipe((path, models[1]), min_length=6, top_k=top_k)
     captioner = Captioner(recipe.captioner, CPU, torch.float32)
     images = [tiny.draw_image(i) for i in range(4)]

@@ -186,6 +186,18 @@ def make_blip_captioner(path: Path, seed: int = 3) -> Path:
     return path
 
 
+def make_endings_likely(path: Path, bias: float) -> Path:
+    """Add ``bias`` to a saved BLIP captioner's end-token logit, in place, so that captions of random weights
+    end at various lengths as real captions do, instead of all running to the maximum length."""
+    from transformers import BlipForConditionalGeneration
+
+    model = BlipForConditionalGeneration.from_pretrained(path)
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.decoder.bias[model.config.text_config.sep_token_id] += bias
+    model.save_pretrained(path)
+    return path
+
+
 def make_open_clip(path: Path, seed: int = 4) -> Path:
     """A tiny random open_clip CLIP in the hub layout (``open_clip_config.json`` + weights), loadable with
     ``local-dir:``; it uses open_clip's own BPE tokenizer, which ships with the package."""
