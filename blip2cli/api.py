@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any, Union
 
 import torch
@@ -12,11 +13,14 @@ import torch.nn.functional as F
 
 from .config import load_recipe
 from .errors import Blip2Error
+from .images import MAX_PIXELS, check_header, open_rgb
 from .models.blip2 import Blip2ImageToText, Blip2Stage1
 from .models.checkpoints import Checkpoint
 from .models.vision import image_transform
 
-ImageLike = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
+ImageLike = Union[str, os.PathLike, "PIL.Image.Image"]  # noqa: F821
+Text = Union[str, list[str]]  # one text, or num_captions texts, for one image
+OnError = Callable[[Any, Blip2Error], None]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -36,7 +40,23 @@ class Decoding:
     sample: bool = False
     num_captions: int = 1
 
+    def with_overrides(self, **overrides: Any) -> Decoding:
+        """These settings with the user's ``overrides`` (``None`` means not given).
+
+        ``sample=True`` without ``num_beams`` draws each text on its own (one beam): beam-sampling
+        the recipe's beams would cap ``num_captions`` at the beam width and return near-duplicates.
+        """
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(given) - {f.name for f in fields(self)})
+        if unknown:
+            raise Blip2Error(f"unknown decoding setting(s) {', '.join(unknown)}: expected any of "
+                             f"{', '.join(f.name for f in fields(self))}")
+        if given.get("sample") and "num_beams" not in given:
+            given["num_beams"] = 1
+        return replace(self, **given)
+
     def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``generate`` for these settings."""
         kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
                                   repetition_penalty=self.repetition_penalty, num_return_sequences=self.num_captions)
         if self.sample:
@@ -79,34 +99,50 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def open_image(image: ImageLike):
-    """A PIL RGB image from a path or an image; a missing or unreadable file is a one-line error."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    if not path.exists():
-        raise Blip2Error(f"{path}: no such file")
-    if path.is_dir():
-        raise Blip2Error(f"{path}: is a directory, not an image")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except UnidentifiedImageError:
-        raise Blip2Error(f"{path}: not an image file (or a format Pillow cannot read)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise Blip2Error(f"{path}: corrupt or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+def open_image(image: ImageLike, max_pixels: int = MAX_PIXELS, exif_transpose: bool = False):
+    """A PIL RGB image from a path or an image, decoded once (see ``blip2cli.images.open_rgb``)."""
+    return open_rgb(image, max_pixels=max_pixels, exif_transpose=exif_transpose)
 
 
-def check_image(path: ImageLike) -> None:
-    """Fail early, before a model loads, on a file Pillow cannot decode."""
+def check_image(image: ImageLike, max_pixels: int = MAX_PIXELS) -> None:
+    """Fail early on an image that cannot be used: the whole image is decoded, then dropped.
+
+    ``check_image_header`` catches all but a corrupt body without decoding anything.
+    """
+    open_image(image, max_pixels)
+
+
+def check_image_header(image: ImageLike, max_pixels: int = MAX_PIXELS) -> None:
+    """A cheap check before a model loads: a regular file whose header Pillow recognises, within
+    ``max_pixels``. The pixels are not decoded, so a file truncated after its header passes."""
+    check_header(image, max_pixels=max_pixels)
+
+
+def _image_list(images: ImageLike | Sequence[ImageLike]) -> tuple[list[ImageLike], bool]:
+    """The images as a list, and whether a single image (rather than a sequence) was given."""
     from PIL import Image
 
-    if isinstance(path, Image.Image):
-        return
-    open_image(path).close()
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images], True
+    return list(images), False
+
+
+def _text_list(texts: str | Sequence[str]) -> tuple[list[str], bool]:
+    """The texts as a list, and whether a single string was given (never iterated by character)."""
+    if isinstance(texts, str):
+        return [texts], True
+    return list(texts), False
+
+
+def _pairs(images: list, one_image: bool, texts: list[str], one_text: bool, what: str) -> tuple[list, list[str]]:
+    """Images and texts paired one to one; a single image or text goes with every item of the other."""
+    if one_image and not one_text:
+        images = images * len(texts)
+    elif one_text and not one_image:
+        texts = texts * len(images)
+    if len(images) != len(texts):
+        raise Blip2Error(f"{what} pairs images with texts: got {len(images)} images and {len(texts)} texts")
+    return images, texts
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:
@@ -115,10 +151,18 @@ def _batches(n: int, size: int) -> Iterator[slice]:
 
 
 class Blip2:
-    """A loaded BLIP-2 model with its tokenizers, image transform and decoding defaults."""
+    """A loaded BLIP-2 model with its tokenizers, image transform and decoding defaults.
 
-    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
+    ``max_pixels``: larger images are refused from their header, before decoding.
+    ``exif_transpose``: turn images upright by their EXIF orientation; off by default, as LAVIS, whose
+    benchmark numbers come from the stored pixels.
+    """
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
+                 max_pixels: int = MAX_PIXELS, exif_transpose: bool = False) -> None:
         self.checkpoint = ckpt
+        self.max_pixels = max_pixels
+        self.exif_transpose = exif_transpose
         self.net = ckpt.net.to(device)
         self.config = ckpt.config
         self.device = device
@@ -127,9 +171,15 @@ class Blip2:
         self.defaults = (load_recipe(Decoding, f"generate/{ckpt.generation}") if ckpt.generation else Decoding())
 
     # ------------------------------------------------------------------ inputs
-    def pixel_values(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        pixels = torch.stack([self.transform(open_image(im)) for im in images])
+    def pixel_values(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """The transformed pixels of the images (one image: a batch of one), on the model's device."""
+        pixels = torch.stack([self.transform(self.read_image(im)) for im in _image_list(images)[0]])
         return pixels.to(self.device)
+
+    def read_image(self, image: ImageLike, max_pixels: int | None = None, exif_transpose: bool | None = None):
+        """The image as RGB under this model's image rules, or the ones given (``None``: the model's)."""
+        return open_image(image, self.max_pixels if max_pixels is None else max_pixels,
+                          self.exif_transpose if exif_transpose is None else exif_transpose)
 
     def _text(self, tokenizer, texts: Sequence[str], max_length: int | None = None):
         enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=max_length is not None,
@@ -142,45 +192,76 @@ class Blip2:
         return isinstance(self.net, Blip2ImageToText)
 
     def decoding(self, **overrides: Any) -> Decoding:
-        """The model's default decoding with ``overrides`` (None values ignored)."""
-        return replace(self.defaults, **{k: v for k, v in overrides.items() if v is not None})
+        """The model's default decoding with the user's ``overrides`` (see ``Decoding.with_overrides``)."""
+        return self.defaults.with_overrides(**overrides)
 
     @torch.inference_mode()
-    def generate(self, images: Sequence[ImageLike], prompts: str | Sequence[str] | None = None,
-                 batch_size: int = 8, **decoding: Any) -> list[str] | list[list[str]]:
-        """Text for each image; a list of ``num_captions`` texts per image when that is above 1.
+    def generate(self, images: ImageLike | Sequence[ImageLike], prompts: str | Sequence[str] | None = None,
+                 batch_size: int = 8, on_error: OnError | None = None, max_pixels: int | None = None,
+                 exif_transpose: bool | None = None, **decoding: Any) -> Text | None | list[Text | None]:
+        """Text for one image (a str), or for each of a list of images (a list).
 
+        With ``num_captions`` above 1, each image's text is a list of that many texts.
         ``prompts``: one prompt for all images, or one per image; default: the model's recipe prompt.
-        ``decoding``: any field of ``Decoding`` (num_beams, max_new_tokens, ...).
+        ``decoding``: any field of ``Decoding`` (num_beams, max_new_tokens, sample, ...).
+        ``on_error``: called with an image that cannot be read and its error, instead of raising; that
+        image's result is ``None`` and the other images of its batch are still generated.
+        ``max_pixels``, ``exif_transpose``: this call's image rules (default: the model's, see ``Blip2``).
         """
         if not self.can_generate:
             raise Blip2Error(f"{self.checkpoint.source} has no language model: it cannot generate text "
                              "(use itm/itc, or a blip2-opt/flan-t5 model)")
+        items, single = _image_list(images)
         settings = self.decoding(**decoding)
-        prompts = self._prompts(images, prompts, settings.prompt)
+        texts_in = self._prompts(len(items), prompts, settings.prompt)
         kwargs = settings.generate_kwargs()
+        kwargs.setdefault("pad_token_id", self.checkpoint.tokenizer.pad_token_id)
+        results: list[Text | None] = [None] * len(items)
+        read = partial(self.read_image, max_pixels=max_pixels, exif_transpose=exif_transpose)
+        for part in _batches(len(items), max(1, batch_size)):
+            readable = self._read_images(items, range(part.start, part.stop), read, on_error)
+            if readable:
+                texts = self._generate_batch(list(readable.values()), [texts_in[i] for i in readable], kwargs)
+                for i, text in zip(readable, self._per_image(texts, settings.num_captions)):
+                    results[i] = text
+        return results[0] if single else results
+
+    def _read_images(self, items: list[ImageLike], indices: range, read: Callable[[ImageLike], Any],
+                     on_error: OnError | None) -> dict[int, torch.Tensor]:
+        """Transformed pixels of the readable images among ``items[indices]``, by index."""
+        pixels: dict[int, torch.Tensor] = {}
+        for i in indices:
+            try:
+                pixels[i] = self.transform(read(items[i]))
+            except Blip2Error as e:
+                if on_error is None:
+                    raise
+                on_error(items[i], e)
+        return pixels
+
+    def _generate_batch(self, pixels: list[torch.Tensor], prompts: list[str], kwargs: dict[str, Any]) -> list[str]:
         tok = self.checkpoint.tokenizer
-        kwargs.setdefault("pad_token_id", tok.pad_token_id)
-        texts: list[str] = []
-        for part in _batches(len(images), max(1, batch_size)):
-            pixels = self.pixel_values(images[part]).to(self.dtype)
-            ids, mask = self._text(tok, prompts[part])
-            out = self.net.generate(pixels, ids, mask, **kwargs)
-            texts += [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
-        if settings.num_captions > 1:
-            n = settings.num_captions
-            return [texts[i * n:(i + 1) * n] for i in range(len(images))]
-        return texts
+        ids, mask = self._text(tok, prompts)
+        out = self.net.generate(torch.stack(pixels).to(self.device, self.dtype), ids, mask, **kwargs)
+        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     @staticmethod
-    def _prompts(images: Sequence, prompts: str | Sequence[str] | None, default: str) -> list[str]:
+    def _per_image(texts: list[str], n: int) -> list[Text]:
+        """Decoded texts grouped by image: ``n`` consecutive texts each when ``n`` is above 1."""
+        if n == 1:
+            return list(texts)
+        return [texts[i:i + n] for i in range(0, len(texts), n)]
+
+    @staticmethod
+    def _prompts(count: int, prompts: str | Sequence[str] | None, default: str) -> list[str]:
         if prompts is None:
             prompts = default
         if isinstance(prompts, str):
-            return [prompts] * len(images)
-        if len(prompts) != len(images):
-            raise Blip2Error(f"{len(prompts)} prompts for {len(images)} images: give one, or one per image")
-        return list(prompts)
+            return [prompts] * count
+        prompts = list(prompts)
+        if len(prompts) != count:
+            raise Blip2Error(f"{len(prompts)} prompts for {count} images: give one, or one per image")
+        return prompts
 
     # ------------------------------------------------------------------ matching
     def _stage1(self) -> Blip2Stage1:
@@ -194,65 +275,94 @@ class Blip2:
         return self.net.encode_image(self.pixel_values(images).to(self.dtype))
 
     @torch.inference_mode()
-    def itm(self, images: Sequence[ImageLike], texts: Sequence[str], max_length: int = 32) -> torch.Tensor:
-        """Probability that each image matches its paired text, ``(B,)``."""
+    def itm(self, images: ImageLike | Sequence[ImageLike], texts: str | Sequence[str],
+            max_length: int = 32) -> torch.Tensor | float:
+        """Probability that each image matches its paired text, ``(B,)``; a float for one image and one text.
+
+        A single image is paired with every text, and a single text with every image.
+        """
         net = self._stage1()
-        if len(images) != len(texts):
-            raise Blip2Error(f"itm pairs images with texts: got {len(images)} images and {len(texts)} texts")
-        ids, mask = self._text(self.checkpoint.qformer_tokenizer, texts, max_length)
-        logits = net.itm_logits(self._image_embeds(images), ids, mask)
-        return logits.float().softmax(dim=-1)[:, 1].cpu()
+        ims, one_image = _image_list(images)
+        txts, one_text = _text_list(texts)
+        ims, txts = _pairs(ims, one_image, txts, one_text, "itm")
+        ids, mask = self._text(self.checkpoint.qformer_tokenizer, txts, max_length)
+        probs = net.itm_logits(self._image_embeds(ims), ids, mask).float().softmax(dim=-1)[:, 1].cpu()
+        return probs.item() if one_image and one_text else probs
 
     @torch.inference_mode()
-    def itc(self, images: Sequence[ImageLike], texts: Sequence[str], max_length: int = 32) -> torch.Tensor:
-        """ITC similarity of every image with every text, ``(images, texts)``: best query's cosine."""
+    def itc(self, images: ImageLike | Sequence[ImageLike], texts: str | Sequence[str],
+            max_length: int = 32) -> torch.Tensor | float:
+        """ITC similarity of every image with every text, ``(images, texts)``: best query's cosine.
+
+        A single image (or text) drops its dimension: ``(texts,)``, ``(images,)``, or a float for both.
+        """
         net = self._stage1()
-        ids, mask = self._text(self.checkpoint.qformer_tokenizer, texts, max_length)
-        sims = net.similarity(net.image_features(self._image_embeds(images)), net.text_features(ids, mask))
-        return sims.float().cpu()
+        ims, one_image = _image_list(images)
+        txts, one_text = _text_list(texts)
+        ids, mask = self._text(self.checkpoint.qformer_tokenizer, txts, max_length)
+        sims = net.similarity(net.image_features(self._image_embeds(ims)), net.text_features(ids, mask)).float().cpu()
+        if one_image and one_text:
+            return sims[0, 0].item()
+        return sims[0] if one_image else sims[:, 0] if one_text else sims
 
     @torch.inference_mode()
-    def extract_features(self, images: Sequence[ImageLike] | None = None, texts: Sequence[str] | None = None,
-                         mode: str = "image", max_length: int = 32) -> dict[str, torch.Tensor]:
+    def extract_features(self, images: ImageLike | Sequence[ImageLike] | None = None,
+                         texts: str | Sequence[str] | None = None, mode: str = "image",
+                         max_length: int = 32) -> dict[str, torch.Tensor]:
         """Q-Former features, as LAVIS's ``extract_features``.
 
         ``image``: query outputs and their normalised ITC projections; ``text``: text states and the
-        normalised [CLS] projection; ``multimodal``: query outputs of the joint image-text pass.
+        normalised [CLS] projection; ``multimodal``: query outputs of the joint image-text pass (a single
+        image or text goes with every item of the other). Features of a single image, text or pair have
+        no batch dimension.
         """
         if mode not in ("image", "text", "multimodal"):
             raise Blip2Error(f"unknown feature mode {mode!r}: expected image, text or multimodal")
-        out: dict[str, torch.Tensor] = {}
-        if mode in ("image", "multimodal") and not images:
+        ims, one_image = _image_list(images) if images is not None else ([], False)
+        txts, one_text = _text_list(texts) if texts is not None else ([], False)
+        if mode in ("image", "multimodal") and not ims:
             raise Blip2Error(f"{mode} features need images")
-        if mode in ("text", "multimodal") and not texts:
+        if mode in ("text", "multimodal") and not txts:
             raise Blip2Error(f"{mode} features need texts")
         if mode == "image":
-            embeds = self._image_embeds(images)
-            out["image_embeds"] = self.net.query_output(embeds).float().cpu()
-            if isinstance(self.net, Blip2Stage1):
-                out["image_features"] = self.net.image_features(embeds).float().cpu()
-            return out
+            return _unbatch(self._image_features(ims), one_image)
         net = self._stage1()
-        ids, mask = self._text(self.checkpoint.qformer_tokenizer, texts, max_length)
         if mode == "text":
+            ids, mask = self._text(self.checkpoint.qformer_tokenizer, txts, max_length)
             states = net.qformer(input_ids=ids, text_mask=mask, use_queries=False).hidden_states
-            out["text_embeds"] = states.float().cpu()
-            out["text_features"] = F.normalize(net.text_proj(states[:, 0]), dim=-1).float().cpu()
-            return out
-        res = net.qformer(image=self._image_embeds(images), input_ids=ids, text_mask=mask)
-        out["multimodal_embeds"] = res.query_states.float().cpu()
+            out = {"text_embeds": states.float().cpu(),
+                   "text_features": F.normalize(net.text_proj(states[:, 0]), dim=-1).float().cpu()}
+            return _unbatch(out, one_text)
+        ims, txts = _pairs(ims, one_image, txts, one_text, "multimodal features")
+        ids, mask = self._text(self.checkpoint.qformer_tokenizer, txts, max_length)
+        res = net.qformer(image=self._image_embeds(ims), input_ids=ids, text_mask=mask)
+        return _unbatch({"multimodal_embeds": res.query_states.float().cpu()}, one_image and one_text)
+
+    def _image_features(self, images: list[ImageLike]) -> dict[str, torch.Tensor]:
+        embeds = self._image_embeds(images)
+        out = {"image_embeds": self.net.query_output(embeds).float().cpu()}
+        if isinstance(self.net, Blip2Stage1):
+            out["image_features"] = self.net.image_features(embeds).float().cpu()
         return out
 
 
+def _unbatch(features: dict[str, torch.Tensor], single: bool) -> dict[str, torch.Tensor]:
+    """Features without their batch dimension when they belong to a single input."""
+    return {k: v[0] for k, v in features.items()} if single else features
+
+
 def load(name_or_path: str, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
-         llm: str | None = None) -> Blip2:
-    """Load a BLIP-2 model by local path, registry name or Hugging Face id (see ``blip2 models``)."""
+         llm: str | None = None, max_pixels: int = MAX_PIXELS, exif_transpose: bool = False) -> Blip2:
+    """Load a BLIP-2 model by local path, registry name or Hugging Face id (see ``blip2 models``).
+
+    ``max_pixels`` and ``exif_transpose`` are the image rules of every call (see ``Blip2``).
+    """
     from .models.hub import load_checkpoint
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     quiet_transformers()
-    return Blip2(load_checkpoint(name_or_path, llm=llm, dtype=dt), dev, dt)
+    return Blip2(load_checkpoint(name_or_path, llm=llm, dtype=dt), dev, dt, max_pixels, exif_transpose)
 
 
 def quiet_transformers() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from importlib import resources
@@ -15,6 +16,52 @@ import yaml
 from .errors import Blip2Error
 
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """The values a recipe field allows, declared beside the field with :func:`checked`.
+
+    Bounds apply to a number, or to each item of a list of numbers; a float with any bound must also be
+    finite. ``choices`` lists the allowed values.
+    """
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not allowed (``expected ...``), or None."""
+        if self.choices is not None:
+            if value not in self.choices:
+                names = [str(c) for c in self.choices]
+                return f"expected {', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else f"expected {names[0]}"
+            return None
+        for item in value if isinstance(value, list) else [value]:
+            if not self._fits(item):
+                return f"expected {self._describe(item)}"
+        return None
+
+    def _fits(self, x: float) -> bool:
+        if isinstance(x, float) and not math.isfinite(x):
+            return False
+        return ((self.gt is None or x > self.gt) and (self.ge is None or x >= self.ge)
+                and (self.lt is None or x < self.lt) and (self.le is None or x <= self.le))
+
+    def _describe(self, x: Any) -> str:
+        bounds = [f"{op} {b:g}" for op, b in ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
+                  if b is not None]
+        kind = "an integer" if isinstance(x, int) else "a finite number"
+        return f"{kind} {' and '.join(bounds)}"
+
+
+def checked(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **rules: Any) -> Any:
+    """A dataclass field whose values :func:`from_dict` checks against ``rules`` (see :class:`Check`)."""
+    if "choices" in rules:
+        rules["choices"] = tuple(rules["choices"])
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"check": Check(**rules)})
 
 
 def recipes_root() -> Path:
@@ -72,6 +119,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is Any:
         return value
+    if hint in (int, float) and isinstance(value, str):
+        value = _number(value, hint, where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
@@ -83,8 +132,22 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def _number(text: str, hint: type, where: str) -> Any:
+    """A number written as text: YAML 1.1 reads ``5e-4`` and ``1e3`` as strings."""
+    try:
+        number = float(text.strip())
+    except ValueError:
+        raise Blip2Error(f"{where}: expected {hint.__name__}, got {text!r}") from None
+    if hint is int:
+        if not number.is_integer():
+            raise Blip2Error(f"{where}: expected int, got {text!r}")
+        return int(number)
+    return number
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "recipe") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are one-line errors."""
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and values outside a field's
+    :func:`checked` rules are one-line errors naming the key."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -94,6 +157,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "recipe") -> T:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise Blip2Error(f"{where}: unknown key {key!r}{hint}")
         kwargs[key] = _check_type(value, hints[key], f"{where}.{key}")
+        check = fields[key].metadata.get("check")
+        problem = check.problem(kwargs[key]) if check is not None and kwargs[key] is not None else None
+        if problem:
+            raise Blip2Error(f"{where}.{key} {kwargs[key]!r}: {problem}")
     return cls(**kwargs)
 
 

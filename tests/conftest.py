@@ -41,3 +41,26 @@ def image_files(tmp_path_factory):
         tiny.draw_image(i).save(p)
         paths.append(p)
     return paths
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory):
+    """The README's quickstart, each command run as written in a fresh directory with this environment's
+    ``blip2``: ``.root`` is that directory, ``.results`` maps each command to its finished process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from . import readme
+
+    root = tmp_path_factory.mktemp("quickstart")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "OMP_NUM_THREADS": "2"}
+    results = {}
+    for command in readme.commands("Quickstart"):
+        proc = subprocess.run(["bash", "-c", command], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=1200)
+        assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
+        results[command] = proc
+    return SimpleNamespace(root=root, results=results)

@@ -366,3 +366,19 @@ def test_an_unreadable_shard_is_skipped_and_reported_after_the_others(models, sh
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "00000.tar: not a readable tar shard" in error[0] and "rerun" in error[0]
     assert (out / "00001_capfilt.json").exists() and not (out / "00000.tar").exists()
+
+
+def test_decoding_passes_the_cache_under_its_supported_name(models, monkeypatch):
+    """The decode loop (prefill and steps) hands the decoder its cache under the name current transformers
+    take, not the deprecated ``past_key_values`` (removed in transformers 5.40): no FutureWarning."""
+    import warnings
+
+    recipe = _recipe(models, num_captions=2, min_length=3)
+    assert len(recipe.prompt.split()) >= 2  # a prompt long enough for the prefill pass too
+    captioner = Captioner(recipe.captioner, CPU, torch.float32)
+    pixels = torch.stack([captioner.pixels(tiny.draw_image(i)) for i in range(2)])
+    seeds = torch.tensor([row_seed(0, str(i), j) for i in range(2) for j in range(2)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        captions = captioner.sample(pixels, seeds, recipe)
+    assert len(captions) == 4

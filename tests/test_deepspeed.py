@@ -131,4 +131,4 @@ def test_pretrain_under_torchrun(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     trainer = tmp_path / "runs" / "tr" / "latest" / "trainer"
     assert (trainer / "engine").is_dir()  # DeepSpeed's checkpoint: two ranks ran under ZeRO
-    assert {p.name for p in trainer.glob("state-rank*.pt")} == {"state-rank000.pt", "state-rank001.pt"}
+    assert {p.name for p in trainer.glob("state-rank*")} == {"state-rank000.json", "state-rank001.json"}

@@ -18,8 +18,12 @@ from .tiny import IMAGE_SIZE, NUM_QUERIES
 TINY_VIT = VisionConfig(kind="eva", image_size=IMAGE_SIZE, patch_size=8, width=32, layers=2, heads=4, mlp_dim=64)
 
 
-def write_lavis(blip: Blip2, path, llm_kind: str | None) -> None:
-    """Our tensors under LAVIS's names: the inverse of the documented mapping."""
+def write_lavis(blip: Blip2, path, llm_kind: str | None, tied_llm_copies: bool = False) -> None:
+    """Our tensors under LAVIS's names: the inverse of the documented mapping.
+
+    ``tied_llm_copies``: as LAVIS's runner saves, which keeps ``state_dict()`` minus the frozen entries of
+    ``named_parameters()``; that lists a tied weight once, so the LLM's tied aliases stay in the file.
+    """
     net = blip.net
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("language_model.")}
     vision = {k: v for k, v in keymaps.split_qkv_bias(state).items() if k.startswith("vision.")}
@@ -36,6 +40,11 @@ def write_lavis(blip: Blip2, path, llm_kind: str | None) -> None:
         out[new] = v.clone()
     if "qformer.embeddings.word.weight" in state:
         out["Qformer.bert.embeddings.position_ids"] = torch.arange(64).unsqueeze(0)
+    if tied_llm_copies:
+        lm = net.language_model.model
+        frozen = {name for name, _ in lm.named_parameters()}
+        prefix = "t5_model." if llm_kind == "t5" else "opt_model."
+        out |= {prefix + k: v.clone() for k, v in lm.state_dict().items() if k not in frozen}
     torch.save({"model": out, "epoch": 3}, path)
 
 
@@ -128,3 +137,108 @@ def test_lavis_file_exports_to_transformers(hf_opt, image_files, tmp_path):
     inputs = hf_inputs(hf_opt, blip, image_files[:3], PROMPTS[:3])
     with torch.no_grad():  # (LAVIS has no k-bias; a key bias shifts every score equally, so only rounding moves)
         torch.testing.assert_close(exported(**inputs).logits, ref(**inputs).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_tied_llm_copies_saved_by_lavis_runner_are_accepted(kind, hf_opt, hf_t5, image_files, tmp_path, capsys):
+    blip = blip2cli.load(str(hf_opt if kind == "opt" else hf_t5), device="cpu", dtype="float32")
+    lm = llm_dir(blip, tmp_path / "llm")
+    write_lavis(blip, tmp_path / "plain.pth", kind)
+    write_lavis(blip, tmp_path / "runner.pth", kind, tied_llm_copies=True)
+    raw = torch.load(tmp_path / "runner.pth", weights_only=True)["model"]
+    copies = sorted(k for k in raw if k.startswith(("opt_model.", "t5_model.")))
+    tied = ["opt_model.lm_head.weight"] if kind == "opt" else [
+        "t5_model.decoder.embed_tokens.weight", "t5_model.encoder.embed_tokens.weight"]  # Flan-T5's
+    assert set(tied) <= set(copies) <= set(tied) | {"t5_model.lm_head.weight"}  # the tiny T5 ties its LM head too
+
+    def generate(name: str) -> list[str]:
+        ckpt = load_lavis(tmp_path / name, llm=str(lm), vision=TINY_VIT, qformer_heads=4)
+        return Blip2(ckpt, torch.device("cpu"), torch.float32).generate(image_files[:3], PROMPTS[:3], num_beams=3,
+                                                                        max_new_tokens=5)
+
+    expected = generate("plain.pth")
+    capsys.readouterr()
+    assert generate("runner.pth") == expected
+    assert capsys.readouterr().err == ""
+
+    raw[copies[0]] = raw[copies[0]] + 1.0  # a copy that is not the LLM's weight: named, ignored
+    torch.save({"model": raw}, tmp_path / "changed.pth")
+    assert generate("changed.pth") == expected
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and copies[0] in lines[0] and "differ" in lines[0], lines
+    assert not any(c in lines[0] for c in copies[1:])
+
+    other = "opt_model.model.decoder.layers.0.fc1.weight" if kind == "opt" else "t5_model.shared.weight"
+    raw[other] = torch.zeros(2)  # any other LLM key is still an error
+    torch.save({"model": raw}, tmp_path / "other.pth")
+    with pytest.raises(Blip2Error, match=f"unexpected keys {other}"):
+        load_lavis(tmp_path / "other.pth", llm=str(lm), vision=TINY_VIT, qformer_heads=4)
+
+
+# --- what --llm names and what the hub sends
+
+
+@pytest.mark.parametrize("model_type", ["custom-lm", "opt"])
+def test_llm_directory_asking_to_run_its_own_code_is_refused(model_type, hf_opt, tmp_path, image_files):
+    """A config with ``auto_map`` (code shipped with the checkpoint) is refused in one line, and the code never
+    runs: not imported, no prompt; also when transformers knows the model type and would load it without it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    blip = blip2cli.load(str(hf_opt), device="cpu", dtype="float32")
+    pth = tmp_path / "s2.pth"
+    write_lavis(blip, pth, "opt")
+    lm = llm_dir(blip, tmp_path / "llm")
+    marker = tmp_path / "code-ran"
+    (lm / "custom_lm.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                     "from transformers import OPTConfig, OPTForCausalLM\n"
+                                     "class CustomConfig(OPTConfig):\n    model_type = 'custom-lm'\n"
+                                     "class CustomLM(OPTForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((lm / "config.json").read_text())
+    config.update(model_type=model_type, auto_map={"AutoConfig": "custom_lm.CustomConfig",
+                                                   "AutoModelForCausalLM": "custom_lm.CustomLM"})
+    (lm / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Blip2Error, match="auto_map") as err:
+        load_lavis(pth, llm=str(lm), vision=TINY_VIT, qformer_heads=4)
+    assert "\n" not in str(err.value)
+    proc = subprocess.run([str(Path(sys.executable).with_name("blip2")), "generate", str(image_files[0]), "--model",
+                           str(pth), "--llm", str(lm)], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [f"error: {err.value}"]
+    assert not marker.exists()
+
+
+def test_hub_download_is_announced_with_its_size(monkeypatch, tmp_path, capsys):
+    """Before a hub model that is not cached is downloaded: one stderr line with its id and, for a registry
+    model, its approximate size. A cached model, or offline mode, says nothing."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from blip2cli.models import hub
+
+    cached: set[str] = set()
+
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False, **kw):  # no network in tests
+        if local_files_only and repo_id not in cached:
+            raise LocalEntryNotFoundError(f"{repo_id} is not cached")
+        cached.add(repo_id)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "BLIP2_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    assert hub.hub_snapshot("Salesforce/blip2-opt-2.7b") == tmp_path
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "Salesforce/blip2-opt-2.7b" in lines[0] and "15.5 GB" in lines[0], lines
+    hub.hub_snapshot("Salesforce/blip2-opt-2.7b")  # cached now
+    assert capsys.readouterr().err == ""
+    hub.hub_snapshot("someone/unlisted-model")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "someone/unlisted-model" in lines[0] and "GB" not in lines[0], lines
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(Blip2Error, match="not in the Hugging Face cache"):
+        hub.hub_snapshot("Salesforce/blip2-flan-t5-xl")
+    assert capsys.readouterr().err == ""

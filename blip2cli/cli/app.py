@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 import sys
 
+from typing import Annotated
+
 import typer
 
-from ..errors import Blip2Error
+try:  # typer >= 0.2x carries its own copy of click; its usage errors are that copy's classes
+    from typer import _click as click
+except ImportError:  # pragma: no cover - older typer on the real click
+    import click
+
+from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, Blip2Error
 from . import eval as eval_cmd
 from . import generate, models, prepare, pretrain
 
@@ -18,6 +25,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"blip2 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                               help="Print the version and exit.")] = False) -> None:
+    """BLIP-2 end to end: generate, evaluate, pretrain, fine-tune and prepare data."""
+
+
 app.command("generate", no_args_is_help=True)(generate.generate)
 app.command("models")(models.list_models)
 app.command("convert", no_args_is_help=True)(models.convert)
@@ -26,8 +49,10 @@ app.add_typer(eval_cmd.app, name="eval")
 app.add_typer(prepare.app, name="prepare")
 
 
-def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """Print ``error: message`` (nothing when the message is empty: it was reported already) and exit."""
+    if message:
+        print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -53,9 +78,19 @@ def main() -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     sys.argv = take_local_rank(sys.argv)
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        print(e.ctx.get_help() if e.ctx else "", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except click.exceptions.UsageError as e:
+        fail(usage_line(e), EXIT_BAD_INPUT)
+    except click.exceptions.ClickException as e:
+        fail(e.format_message(), EXIT_BAD_INPUT)
+    except typer.Abort:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except Blip2Error as e:
-        fail(str(e))
+        fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
@@ -63,4 +98,13 @@ def main() -> None:
         if os.environ.get("BLIP2_DEBUG"):
             raise
         first = (str(e).strip().splitlines() or [""])[0]
-        fail(f"internal error: {type(e).__name__}: {first} (set BLIP2_DEBUG=1 for the traceback)", code=1)
+        fail(f"internal error: {type(e).__name__}: {first} (set BLIP2_DEBUG=1 for the traceback)", EXIT_INTERNAL)
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
+
+
+def usage_line(e: click.exceptions.UsageError) -> str:
+    """click's usage error as one line that names the command's help."""
+    message = " ".join(e.format_message().split())
+    command = e.ctx.command_path if e.ctx else "blip2"
+    return f"{message} (see '{command} --help')"

@@ -23,6 +23,10 @@ def list_models(
             sys.stdout.write(json.dumps({"name": e.name, "kind": e.kind, "source": e.source,
                                          "description": e.description}) + "\n")
         return
+    if not sys.stdout.isatty():  # piped: whole names, one tab-separated line each (rich would cut them to 80 columns)
+        for e in ENTRIES:
+            sys.stdout.write(f"{e.name}\t{e.kind}\t{e.source}\t{e.description}\n")
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -38,14 +42,31 @@ def convert(
     to: Annotated[str, typer.Option(help="hf: a transformers BLIP-2 directory; blip2: our own format.")] = "hf",
     llm: Annotated[Optional[str], typer.Option(help="The LLM of a LAVIS stage-2 .pth.")] = None,
 ) -> None:
-    """Convert a model to a transformers BLIP-2 directory or to blip2's own format."""
+    """Convert a model to a transformers BLIP-2 directory or to blip2's own format.
+
+    \bExamples:
+    blip2 convert blip2_pretrained_opt2.7b.pth --llm opt-2.7b --out exported/ --to hf
+    blip2 convert runs/tiny-stage2/latest --out tiny-hf/
+    """
     from ..api import quiet_transformers
     from ..models import checkpoints
     from ..models.hub import load_checkpoint
 
     if to not in ("hf", "blip2"):
         raise Blip2Error(f"--to {to!r}: expected hf or blip2")
+    _check_out_apart(model, out)
     quiet_transformers()
     ckpt = load_checkpoint(model, llm=llm)
     (checkpoints.export_hf if to == "hf" else checkpoints.save)(ckpt, out)
     print(f"wrote {out}", file=sys.stderr)
+
+
+def _check_out_apart(model: str, out: Path) -> None:
+    """``--out`` is replaced as a whole: it must not be, hold, or lie inside the model being read."""
+    source = Path(model).expanduser()
+    if not source.exists():
+        return  # a registry name or hub id
+    source, target = source.resolve(), out.expanduser().resolve()
+    if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+        raise Blip2Error(f"--out {out} overlaps the model {model} ({source}): writing it would replace what is being "
+                         "read; choose a directory outside it")

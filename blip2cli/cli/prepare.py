@@ -19,8 +19,6 @@ from .options import DeviceOpt, JsonOpt, SetOpt
 app = typer.Typer(help="Prepare data: download image-text datasets to webdataset shards, caption them with "
                        "CapFilt, fetch the benchmarks' annotation files.", no_args_is_help=True)
 
-InputOpt = Annotated[Optional[list[str]], typer.Option(
-    "--input", help="Metadata: files, globs or directories (parquet, csv, tsv as the recipe says); repeatable.")]
 SubsetOpt = Annotated[Optional[str], typer.Option(
     help="Download a reproducible random sample of this many rows (115m, 500k, 20000).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the --subset draw.")]
@@ -70,10 +68,18 @@ def _render_download(summary: dict) -> None:
         console.print(f"  {failure['count']:>8}  {failure['reason']}", markup=False, highlight=False)
 
 
+def _default_out(source: str, subset: str | None) -> Path:
+    """``data/<source>``, or with ``--subset 115m`` ``data/<source>115m``: the directories the recipes read."""
+    return Path("data") / f"{source}{subset.strip().lower() if subset else ''}"
+
+
 def _web_source(source: str, about: str):
     def command(
-        input: InputOpt = None,
-        out: Annotated[Optional[Path], typer.Option(help=f"Output directory (default: data/{source}).")] = None,
+        input: Annotated[Optional[list[str]], typer.Option(
+            "--input", help="Metadata: files, globs or directories (parquet, csv, tsv as the recipe says); "
+                            "repeatable (default: the recipe's metadata_dir, e.g. data/laion400m-meta).")] = None,
+        out: Annotated[Optional[Path], typer.Option(
+            help=f"Output directory (default: data/{source}, or data/{source}<SUBSET> with --subset).")] = None,
         subset: SubsetOpt = None,
         seed: SeedOpt = 0,
         processes: ProcessesOpt = None,
@@ -83,13 +89,12 @@ def _web_source(source: str, about: str):
         set_: SetOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
-        from ..data.download import parse_count, prepare_download
+        from ..data.download import default_input, parse_count, prepare_download
 
-        if not input:
-            raise Blip2Error(f"prepare {source}: give --input, the dataset's URL and caption list")
         spec = _download_recipe(source, recipe, set_, processes=processes, threads=threads, distributor=distributor)
-        summary = prepare_download(input, out or Path("data") / source, spec,
-                                   parse_count(subset) if subset else None, seed)
+        count = parse_count(subset) if subset else None
+        summary = prepare_download(input or default_input(source, spec), out or _default_out(source, subset), spec,
+                                   count, seed)
         _emit(summary, json_out, _render_download)
 
     command.__doc__ = f"Download {about} into webdataset shards (img2dataset); a rerun skips finished shards."

@@ -188,7 +188,7 @@ def prepare_annotations(dataset: str, out_dir: Path, splits: list[str] | None = 
     files = annotation_files(dataset, splits)
     if source_dir is not None and not source_dir.is_dir():
         raise Blip2Error(f"{source_dir}: no such directory (--from)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    created = _missing_dirs(out_dir)
     recorded = _read_manifest(out_dir)
     prepared: list[PreparedFile] = []
     try:
@@ -197,7 +197,29 @@ def prepare_annotations(dataset: str, out_dir: Path, splits: list[str] | None = 
     finally:
         if prepared:
             _write_manifest(out_dir, dataset, recorded, prepared)
+        else:
+            _remove_empty(created)
     return prepared
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The directories that writing into ``path`` would create, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove those of ``dirs`` (deepest first) that a failed run created and left empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty: nor are its parents
+            return
 
 
 def _prepare_one(entry: AnnotationFile, out_dir: Path, source_dir: Path | None, verify: bool,
@@ -288,6 +310,7 @@ def _fetch(entry: AnnotationFile, url: str, target: Path, verify: bool) -> str:
             digest = _download(entry, url, target.parent, f)
             check(digest)
         return digest
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, archive = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".zip.part")
     try:
         with os.fdopen(fd, "wb") as f:

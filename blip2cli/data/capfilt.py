@@ -158,8 +158,9 @@ class Captioner:
         config = _read_config(path / "config.json", name)
         if config.get("model_type") != "blip":
             raise Blip2Error(f"{name}: not a BLIP captioning model (model_type {config.get('model_type')!r})")
-        self.model = BlipForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
-        self.processor = BlipProcessor.from_pretrained(path)
+        self.model = BlipForConditionalGeneration.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+        self.model = self.model.to(device).eval()
+        self.processor = BlipProcessor.from_pretrained(path, trust_remote_code=False)
         self.device, self.dtype = device, dtype
 
     def pixels(self, image) -> torch.Tensor:
@@ -190,12 +191,13 @@ class Captioner:
         tokens = prompt.repeat(images * n, 1)
         ended = torch.zeros(images * n, dtype=torch.bool, device=self.device)
         live = torch.arange(images * n, device=self.device)  # the rows still in the batch, image-major
+        cache_kwarg = decoder_cache_kwarg(decoder)
         with shared_image_cross_attention(decoder, embeds) as attention:
             cache = self._prefill(prompt, embeds, n, recipe.max_length)
             while tokens.shape[1] < recipe.max_length:
                 past = tokens[live]
-                logits = decoder(input_ids=past[:, -1:], past_key_values=cache, encoder_hidden_states=embeds,
-                                 use_cache=True).logits[:, -1].float()
+                logits = decoder(input_ids=past[:, -1:], encoder_hidden_states=embeds, use_cache=True,
+                                 **{cache_kwarg: cache}).logits[:, -1].float()
                 drawn = sampler.draw(processors(past, logits), row_seeds[live], past.shape[1])
                 step = torch.where(ended[live], pad, drawn)
                 column = torch.full_like(ended, pad, dtype=tokens.dtype)
@@ -226,10 +228,19 @@ class Captioner:
         if prompt.shape[1] < 2:
             return cache
         ids = prompt[:, :-1].repeat(embeds.shape[0], 1)
-        self.model.text_decoder(input_ids=ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=embeds,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1)
+        decoder = self.model.text_decoder
+        decoder(input_ids=ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=embeds, use_cache=True,
+                logits_to_keep=1, **{decoder_cache_kwarg(decoder): cache})
         cache.batch_repeat_interleave(n)
         return cache
+
+
+def decoder_cache_kwarg(decoder: torch.nn.Module) -> str:
+    """The name under which ``decoder`` takes its key/value cache: ``cache`` in current transformers, where the
+    older ``past_key_values`` is deprecated (and goes in 5.40), ``past_key_values`` in releases before the rename."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def _buffered_cache(capacity: int):

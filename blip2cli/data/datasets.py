@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import glob
-import io
 import itertools
 import json
 import logging
@@ -20,20 +19,14 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import Blip2Error
+from ..images import ImageError, open_rgb
 from .text import pre_caption
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# what PIL raises on a truncated, corrupt or hostile image
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 Transform = Callable[[Image.Image], Any]
-
-
-def _open_rgb(source: str | Path | io.BytesIO) -> Image.Image:
-    with Image.open(source) as image:
-        return image.convert("RGB")
 
 
 # --- annotation files -----------------------------------------------------------------------------
@@ -114,11 +107,11 @@ class CaptionJsonDataset(Dataset):
                 continue
             image_path, captions, image_id = self.entries[j]
             try:
-                image = _open_rgb(self.image_root / image_path)
-            except _IMAGE_ERRORS as e:
+                image = open_rgb(self.image_root / image_path)
+            except ImageError as e:
                 self._unreadable.add(j)
                 self.skipped += 1
-                log.warning("skipping unreadable image %s: %s", self.image_root / image_path, e)
+                log.warning("skipping unreadable image: %s", e)
                 continue
             if isinstance(captions, list):
                 captions = random.Random(f"caption:{self.seed}:{j}:{self.epoch}").choice(captions)
@@ -254,14 +247,15 @@ def web_caption(raw: dict[str, Any], meta: Any = None) -> str:
 
 
 def decode_image(raw: dict[str, Any]) -> Image.Image | None:
-    """A sample's image member as RGB; ``None`` when it has none or it does not decode."""
-    data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-    if data is None:
+    """A sample's image member as RGB; ``None`` when it has none, it does not decode or it has more than
+    ``MAX_PIXELS`` pixels (see ``blip2cli.images``)."""
+    ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    if ext is None:
         return None
     try:
-        return _open_rgb(io.BytesIO(data))
-    except _IMAGE_ERRORS as e:
-        log.debug("%s: undecodable image (%s)", raw.get("__key__"), e)
+        return open_rgb(raw[ext], name=f"{raw.get('__key__')}.{ext}")
+    except ImageError as e:
+        log.debug("undecodable image: %s", e)
         return None
 
 

@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Blip2Error
+from ..images import MAX_PIXELS
 from ..io import atomic_write_text
 
 INPUT_FORMATS = ("parquet", "csv", "tsv", "json")
+_SUFFIXES = {"parquet": (".parquet",), "csv": (".csv", ".csv.gz"), "tsv": (".tsv", ".tsv.gz"), "json": (".json",)}
 
 
 @dataclass
@@ -49,7 +51,7 @@ class DownloadRecipe:
     encode_format: str = "jpg"
     encode_quality: int = 95
     min_image_size: int = 0
-    max_image_area: float = 89478485.0  # pixels; larger images are refused (counted, not written)
+    max_image_area: float = float(MAX_PIXELS)  # pixels; larger images are refused (counted, not written)
     max_aspect_ratio: float = 1e9
     samples_per_shard: int = 10000
     timeout: int = 10  # seconds per request
@@ -58,6 +60,12 @@ class DownloadRecipe:
     threads: int = 64
     distributor: str = "multiprocessing"  # multiprocessing (one node) | pyspark | ray (many nodes)
     images: str = ""  # json input: where image paths are relative to (a URL prefix or a local directory)
+    # without --input: the directory the metadata is read from, and where to get it (said when it is empty)
+    metadata_dir: str = ""
+    metadata_source: str = ""
+    # the directory the pretraining recipes read from this source, and the commands that make it
+    pretraining_dir: str = ""
+    pretraining_steps: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         if self.input_format not in INPUT_FORMATS:
@@ -81,10 +89,21 @@ def parse_count(text: str) -> int:
     return count
 
 
+def default_input(source: str, recipe: DownloadRecipe) -> list[str]:
+    """Without ``--input``: the recipe's metadata directory, which must hold files of its format."""
+    if not recipe.metadata_dir:
+        raise Blip2Error(f"prepare {source}: give --input, the dataset's URL and caption list")
+    where = Path(recipe.metadata_dir)
+    suffixes = _SUFFIXES[recipe.input_format]
+    if not where.is_dir() or not any(p.name.endswith(suffixes) for p in where.iterdir()):
+        raise Blip2Error(f"prepare {source}: no {recipe.input_format} metadata in {where}/; put "
+                         f"{recipe.metadata_source} there (or give --input FILES)")
+    return [str(where)]
+
+
 def input_files(inputs: list[str], recipe: DownloadRecipe) -> list[Path]:
     """The metadata files: paths, globs, or directories (every file of the recipe's format in them)."""
-    suffixes = {"parquet": (".parquet",), "csv": (".csv", ".csv.gz"), "tsv": (".tsv", ".tsv.gz"),
-                "json": (".json",)}[recipe.input_format]
+    suffixes = _SUFFIXES[recipe.input_format]
     files: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
@@ -203,13 +222,12 @@ def write_url_list(inputs: list[Path], recipe: DownloadRecipe, work: Path, subse
             raise Blip2Error(f"{work} was prepared from other inputs or another --subset/--seed "
                              f"(see {stamp_path}); use a new --out")
         return int(done["rows"])
-    target.mkdir(parents=True, exist_ok=True)
     counts = [_row_count(p, recipe) for p in inputs] if subset is not None else None
+    if counts is not None and subset > sum(counts):
+        raise Blip2Error(f"--subset {subset}: the input has only {sum(counts)} rows")
+    target.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     if counts is not None:
-        total = sum(counts)
-        if subset > total:
-            raise Blip2Error(f"--subset {subset}: the input has only {total} rows")
         per_file = rng.multivariate_hypergeometric(np.array(counts), subset, method="marginals")
     rows = 0
     for i, path in enumerate(inputs):
@@ -300,7 +318,6 @@ def prepare_download(inputs: list[str], work: Path, recipe: DownloadRecipe, subs
     """The whole ``blip2 prepare <web source>`` job; returns the summary (also kept in ``_prepare``)."""
     recipe.check()
     files = input_files(inputs, recipe)
-    work.mkdir(parents=True, exist_ok=True)
     rows = write_url_list(files, recipe, work, subset, seed)
     download(work, recipe)
     summary = {"rows": rows, **summarize(work)}

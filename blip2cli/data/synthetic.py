@@ -119,3 +119,11 @@ class ShapesDataset(Dataset):
             annotations.append({"image": path.name, "caption": caption(*self.combination(i)), "image_id": i})
         (directory / "annotations.json").write_text(json.dumps(annotations, indent=1) + "\n")
         return paths
+
+
+def write_samples(run_dir: str | Path, image_size: int, n: int = 12, seed: int = 0) -> Path:
+    """Held-out shapes (one per colour and shape) in ``run_dir/samples/`` with their true captions, for trying a
+    model trained on the shapes set; returns the directory."""
+    directory = Path(run_dir) / "samples"
+    ShapesDataset("heldout", size=n, image_size=max(64, image_size), seed=seed).write_images(directory)
+    return directory

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,31 @@ from ..errors import Blip2Error
 from .runner import Item
 
 COCO_FILE = "COCO_{split}_{id:012d}.jpg"
+
+
+@dataclass
+class ZeroShot:
+    """The paper's protocol for one benchmark (``zero_shot`` in ``blip2cli/recipes/eval/*.yaml``): the model
+    of its table, the annotation files ``blip2 prepare`` writes, and the image root."""
+
+    model: str = ""
+    files: dict[str, str] = field(default_factory=dict)  # option (questions, annotations, items) -> path
+    prepare: str = ""  # the command that writes ``files``
+    images: str = ""  # the image root
+    images_source: str = ""  # where the images come from: blip2 does not download them
+    note: str = ""  # said with the scores
+
+    def file(self, option: str) -> Path | None:
+        """The protocol's file for ``--option`` (None if it names none); a missing one is a one-line error."""
+        if option not in self.files:
+            return None
+        path = Path(self.files[option])
+        if not path.is_file():
+            raise Blip2Error(f"{path}: not found; `{self.prepare}` gets it (or give --{option} FILE)")
+        return path
+
+    def image_hint(self) -> str:
+        return f"{self.images_source} (or give --images DIR)"
 
 
 def read_json(path: Path, what: str, where_to_get: str = "") -> Any:
@@ -23,11 +50,30 @@ def read_json(path: Path, what: str, where_to_get: str = "") -> Any:
         raise Blip2Error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
 
 
-def check_images(paths) -> None:
-    """Every benchmark image must exist: the first missing one is a one-line error."""
-    missing = next((p for p in paths if not Path(p).exists()), None)
-    if missing is not None:
-        raise Blip2Error(f"{missing}: no such image (check --images)")
+def check_image_root(root: Path, hint: str = "check --images") -> None:
+    """The image root must be a directory: a missing one is a one-line error, before any model loads."""
+    if not root.is_dir():
+        raise Blip2Error(f"{root}: no such image directory; {hint}")
+
+
+def check_some_images(paths: Sequence[Path], root: Path) -> None:
+    """At least one benchmark image must be there: none at all means the wrong root, not a few bad files."""
+    if paths and not any(Path(p).exists() for p in paths):
+        raise Blip2Error(f"none of the {len(paths)} images is where the annotations put it under {root} "
+                         f"(the first: {paths[0]}: no such image); check --images")
+
+
+def unreadable_images(paths: Sequence[Path]) -> list[str]:
+    """``PATH: reason`` for every image that cannot be decoded, each path once."""
+    from ..images import open_rgb
+
+    bad = []
+    for path in dict.fromkeys(paths):
+        try:
+            open_rgb(path)
+        except Blip2Error as e:
+            bad.append(str(e))
+    return bad
 
 
 def _image(root: Path, name: str) -> Path:

@@ -10,13 +10,23 @@ images. (LAVIS keeps every image's ViT tokens, about 19 GB for the 5k COCO test 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..io import atomic_path
 from ..train import dist
+from .data import ZeroShot
+
+
+@dataclass
+class RetrievalEval:
+    """A retrieval benchmark's settings and zero-shot protocol (``blip2cli/recipes/eval/<benchmark>.yaml``)."""
+
+    k: int = 128  # candidates re-ranked by ITM per image and per text
+    batch_size: int = 32  # images per ViT pass
+    zero_shot: ZeroShot = field(default_factory=ZeroShot)
 
 
 @dataclass

@@ -45,9 +45,12 @@ def _done(path: Path, key: str) -> set:
     return ids
 
 
-def run_sharded(items: Sequence[Item], predict: Callable[[list[Item]], list[str]], out: Path, key: str,
+def run_sharded(items: Sequence[Item], predict: Callable[[list[Item]], list[str | None]], out: Path, key: str,
                 field: str, batch_size: int, progress: Callable[[int], None] = lambda n: None) -> list[dict]:
-    """Predict every item (this rank's share), then return the merged predictions (on every rank)."""
+    """Predict every item (this rank's share), then return the merged predictions (on every rank).
+
+    An item ``predict`` answers with None (its image could not be read) is not written: a rerun tries it again.
+    """
     rank, world = dist.rank(), dist.world_size()
     out.mkdir(parents=True, exist_ok=True)
     mine = list(items)[rank::world]
@@ -59,7 +62,8 @@ def run_sharded(items: Sequence[Item], predict: Callable[[list[Item]], list[str]
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             texts = predict(batch)
-            f.write("".join(json.dumps({key: it.id, field: text}) + "\n" for it, text in zip(batch, texts)))
+            f.write("".join(json.dumps({key: it.id, field: text}) + "\n" for it, text in zip(batch, texts)
+                            if text is not None))
             f.flush()
             os.fsync(f.fileno())
             progress(len(batch))

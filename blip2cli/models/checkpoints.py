@@ -2,7 +2,8 @@
 
 A model name resolves in this order: a local path (our checkpoint or run directory, a transformers
 BLIP-2 directory, a LAVIS ``.pth``), a registry name, a Hugging Face hub id. Networks are built on the
-meta device and take the loaded tensors as they are (no second copy); every key is accounted for.
+meta device and take the loaded tensors as they are (no second copy); every key is accounted for. The
+load dtype is then applied to the whole network at once (``apply_dtype``), buffers included.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ from .vision import VisionConfig
 FORMAT_FILE = "blip2.json"
 WEIGHTS_FILE = "model.safetensors"
 # Kept in float32 whatever the load dtype: the trainable bridge (as transformers and LAVIS do).
-FP32_PREFIXES = ("qformer.", "ln_vision.", "vision_proj.", "text_proj.", "itm_head.", "temp")
+FP32_PARTS = ("qformer", "ln_vision", "vision_proj", "text_proj", "itm_head", "temp")
+FP32_PREFIXES = tuple(f"{p}." if p != "temp" else p for p in FP32_PARTS)
 
 
 @dataclass
@@ -121,14 +123,6 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _cast(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        want = torch.float32 if k.startswith(FP32_PREFIXES) else dtype
-        out[k] = v.to(want) if want is not None and v.is_floating_point() and v.dtype != want else v
-    return out
-
-
 def _assign(net: nn.Module, state: dict[str, torch.Tensor], what: str, allow_missing: set[str] = frozenset()) -> None:
     """Load ``state`` into a meta-device network by assignment; any missing or extra key is an error."""
     expected = set(net.state_dict().keys())
@@ -168,8 +162,25 @@ def _materialise(net: nn.Module, cfg: Blip2Config) -> None:
 
 def _set_k_bias(net: nn.Module, k_biases: dict[str, torch.Tensor]) -> None:
     for key, value in k_biases.items():
-        module = net.get_submodule(key.rsplit(".", 1)[0])
-        module.k_bias = value.to(module.q_bias.dtype)
+        net.get_submodule(key.rsplit(".", 1)[0]).k_bias = value
+
+
+def apply_dtype(net: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Give every floating tensor of ``net`` the load dtype (None: float32), buffers included.
+
+    The one place a load's dtype is applied, once the network holds all its tensors: the tower's
+    non-persistent buffers (timm's k-bias) and anything else not read from the file follow the
+    weights. ``FP32_PARTS`` stay float32; the language model keeps what transformers gave it when it
+    loaded it in ``dtype`` (its own float32 exceptions included).
+    """
+    target = dtype or torch.float32
+    for name, child in net.named_children():
+        if name != "language_model":
+            child.to(torch.float32 if name in FP32_PARTS else target)
+    for name, param in net.named_parameters(recurse=False):
+        if param.is_floating_point():
+            param.data = param.data.to(torch.float32 if name in FP32_PARTS else target)
+    return net
 
 
 def build(cfg: Blip2Config, state: dict[str, torch.Tensor], lm_state: dict[str, torch.Tensor] | None,
@@ -181,7 +192,7 @@ def build(cfg: Blip2Config, state: dict[str, torch.Tensor], lm_state: dict[str, 
         if lm_state is None:
             raise Blip2Error(f"{what}: no language-model weights")
         try:
-            lm = build_language_model(cfg.text, lm_state, dtype=dtype)
+            lm = build_language_model(cfg.text, lm_state, dtype=dtype or torch.float32)
         except Exception as e:  # transformers reports shape mismatches its own way
             raise Blip2Error(f"{what}: the language-model weights do not fit its config ({_first_line(e)})") from None
         with torch.device("meta"):
@@ -192,10 +203,10 @@ def build(cfg: Blip2Config, state: dict[str, torch.Tensor], lm_state: dict[str, 
     else:
         with torch.device("meta"):
             net = Blip2Stage1(cfg)
-    _assign(net, _cast(state, dtype), what, allow_missing)
+    _assign(net, state, what, allow_missing)
     _materialise(net, cfg)
     _set_k_bias(net, k_biases)
-    return net.eval()
+    return apply_dtype(net, dtype).eval()
 
 
 def _first_line(e: BaseException) -> str:
@@ -205,10 +216,25 @@ def _first_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------- tokenizers
 
 
+def refuse_remote_code(path: Path) -> None:
+    """A directory whose config or tokenizer config names code of its own (``auto_map``) is refused: blip2
+    never runs a checkpoint's code (and passes ``trust_remote_code=False`` to transformers throughout)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = Path(path) / name
+        try:
+            data = json.loads(file.read_text()) if file.is_file() else {}
+        except (OSError, ValueError):
+            continue  # unreadable files are reported by whatever reads them next
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise Blip2Error(f"{path}: {name} asks to run the checkpoint's own code (auto_map), which blip2 never "
+                             "does; use a model that transformers supports natively")
+
+
 def _tokenizer(path: Path, padding_side: str | None = None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    refuse_remote_code(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if padding_side:
         tok.padding_side = padding_side
     return tok
@@ -227,8 +253,9 @@ def load_hf_dir(path: Path, dtype: torch.dtype | None = None, generation: str | 
     from transformers import Blip2Config as HFConfig
 
     path = Path(path)
+    refuse_remote_code(path)
     try:
-        hf = HFConfig.from_pretrained(path)
+        hf = HFConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
         raise Blip2Error(f"{path}: not a BLIP-2 checkpoint directory ({_first_line(e)})") from None
     cfg = config_from_hf(hf)
@@ -248,26 +275,49 @@ def load_hf_dir(path: Path, dtype: torch.dtype | None = None, generation: str | 
 # --------------------------------------------------------------------------- our own format
 
 
-def _is_ours(path: Path) -> bool:
+def is_ours(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint in blip2's own format."""
     return (path / FORMAT_FILE).exists()
 
 
 def _run_latest(path: Path) -> Path | None:
-    latest = path / "latest"
-    if latest.is_symlink() or latest.is_dir():
-        return latest.resolve()
-    if latest.is_file():
-        return path / latest.read_text().strip()
-    return None
+    """The checkpoint ``path/latest`` names (a symlink or the text form), None without a usable pointer."""
+    from ..train.rundir import latest
+
+    return latest(path)
+
+
+def verify(path: Path) -> None:
+    """Check a checkpoint of ours against its ``manifest.json`` (sizes and SHA-256 of every file), when it
+    has one; a missing, truncated or altered file is one line naming it."""
+    from ..integrity import CorruptCheckpoint
+    from ..integrity import verify as verify_manifest
+
+    try:
+        verify_manifest(path, require_manifest=False, with_trainer=False)
+    except CorruptCheckpoint as e:
+        raise CorruptCheckpoint(f"{e}: the checkpoint {path} is damaged; load another of its run's checkpoints "
+                                "(step-NNNNNN) or copy it again") from None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; an unreadable one is one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise Blip2Error(f"{path}: missing") from None
+    except (SafetensorError, OSError) as e:
+        raise Blip2Error(f"{path}: not a readable safetensors file ({_first_line(e)}); truncated or damaged?") from None
 
 
 def load_ours(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
-    from safetensors.torch import load_file
-
     path = Path(path)
     meta = json.loads((path / FORMAT_FILE).read_text())
     cfg = Blip2Config.from_dict(meta["config"])
-    state = load_file(path / WEIGHTS_FILE)
+    state = _read_weights(path / WEIGHTS_FILE)
     sources = meta.get("frozen_sources", {})
     if "vision" in sources:
         state.update(_tower_weights(sources["vision"], cfg))
@@ -372,14 +422,25 @@ def _untie_for_saving(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def export_hf(ckpt: Checkpoint, out: Path) -> Path:
-    """Write a directory ``transformers`` loads as ``Blip2ForConditionalGeneration`` or ``Blip2ForImageTextRetrieval``."""
+    """Write a directory ``transformers`` loads as ``Blip2ForConditionalGeneration`` or ``Blip2ForImageTextRetrieval``.
+
+    An image-to-text model without an ``<image>`` token gets one; when the LLM's vocabulary has no
+    free row for it, the exported embeddings (and LM head) grow by that one row.
+    """
     from safetensors.torch import save_file
 
     cfg, tok = ckpt.config, ckpt.tokenizer if ckpt.config.text is not None else ckpt.qformer_tokenizer
+    grown: dict[str, torch.Tensor] = {}
     if cfg.text is not None and cfg.image_token_id is None:
         cfg, tok = _with_image_token(cfg, tok)
+        if cfg.text["vocab_size"] > ckpt.config.text["vocab_size"]:
+            grown = grown_embeddings(ckpt.net.language_model.model, cfg.text["vocab_size"])
     hf = config_to_hf(cfg)
+    if cfg.ln_vision_eps != cfg.vision.layer_norm_eps:
+        print(f"note: transformers' BLIP-2 normalises the ViT output with the tower's LayerNorm eps "
+              f"({cfg.vision.layer_norm_eps:g}); this model's ln_vision uses {cfg.ln_vision_eps:g}", file=sys.stderr)
     ours = keymaps.fuse_qkv_bias(_full_state(ckpt.net))
+    ours.update({f"language_model.model.{k}": v for k, v in grown.items()})
     state: dict[str, torch.Tensor] = {}
     for key, value in ours.items():
         if key == "temp" or key.startswith("qformer.lm_head."):
@@ -404,7 +465,8 @@ def export_hf(ckpt: Checkpoint, out: Path) -> Path:
 
 
 def _with_image_token(cfg: Blip2Config, tokenizer):
-    """transformers places the soft prompts at ``<image>`` ids: give the tokenizer one (LAVIS files lack it)."""
+    """transformers places the soft prompts at ``<image>`` ids: give the tokenizer one (LAVIS files and
+    blip2's own runs lack it), and the LLM config a vocabulary that holds it."""
     import copy
     from dataclasses import replace
 
@@ -412,9 +474,28 @@ def _with_image_token(cfg: Blip2Config, tokenizer):
     if "<image>" not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
     image_id = tok.convert_tokens_to_ids("<image>")
-    if image_id >= cfg.text["vocab_size"]:
-        raise Blip2Error(f"the LLM's vocabulary ({cfg.text['vocab_size']}) has no room for an <image> token")
-    return replace(cfg, image_token_id=image_id), tok
+    text = dict(cfg.text, vocab_size=max(cfg.text["vocab_size"], image_id + 1))
+    return replace(cfg, text=text, image_token_id=image_id), tok
+
+
+def grown_embeddings(lm: nn.Module, rows: int) -> dict[str, torch.Tensor]:
+    """The LLM's input embeddings and LM head grown to ``rows``, under the LLM's state-dict names.
+
+    What ``resize_token_embeddings`` does, deterministically: each new row is the mean of the old ones
+    (transformers draws it from a normal of that mean). An LM-head row that is the mean of the others
+    gives the mean of their logits, never above the largest, so greedy search cannot pick the new token.
+    Tied weights stay one tensor.
+    """
+    targets = [lm.get_input_embeddings().weight]
+    if lm.get_output_embeddings() is not None:
+        targets.append(lm.get_output_embeddings().weight)
+    new: dict[int, torch.Tensor] = {}
+    for weight in targets:
+        if id(weight) not in new:
+            old = weight.detach()
+            extra = old.float().mean(dim=0, keepdim=True).to(old.dtype).expand(rows - old.shape[0], -1)
+            new[id(weight)] = torch.cat([old, extra])
+    return {name: new[id(p)] for name, p in lm.named_parameters(remove_duplicate=False) if id(p) in new}
 
 
 def _write_preprocessor(path: Path, size: int) -> None:

@@ -26,6 +26,7 @@ TOWERS = {
                            mlp_dim=4096, layer_norm_eps=1e-5, quick_gelu=True),
 }
 LAVIS_LN_VISION_EPS = 1e-5  # nn.LayerNorm's default, which LAVIS's ln_vision uses
+LLM_PREFIX = {"opt_proj": "opt_model.", "t5_proj": "t5_model."}  # the frozen LLM's module in LAVIS's models
 QFORMER_TOKENIZER = "google-bert/bert-base-uncased"
 
 
@@ -131,8 +132,12 @@ def load_llm(name: str, dtype: torch.dtype | None = None):
     if entry is not None and entry.kind != "llm":
         raise Blip2Error(f"--llm {name}: not a language model; choose one of opt-2.7b, opt-6.7b, flant5-xl, flant5-xxl")
     path = local_dir_for(entry.where if entry is not None else name)
-    config = AutoConfig.from_pretrained(path).to_dict()
-    tok = AutoTokenizer.from_pretrained(path)
+    checkpoints.refuse_remote_code(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False).to_dict()
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise Blip2Error(f"--llm {name}: not a transformers language model ({checkpoints._first_line(e)})") from None
     if config.get("is_encoder_decoder"):
         if config.get("model_type") == "t5":
             config["dense_act_fn"] = "gelu"
@@ -180,6 +185,8 @@ def load_lavis(path: Path, llm: str | None = None, vision: str | VisionConfig | 
 
     km = keymaps.lavis_keys("t5" if proj == "t5_proj" else "opt")
     body = {k: v for k, v in raw.items() if not k.startswith("visual_encoder.")}
+    prefix = LLM_PREFIX.get(proj)
+    llm_copies = {k: body.pop(k) for k in [k for k in body if prefix and k.startswith(prefix)]}
     tied = body.get("Qformer.cls.predictions.decoder.weight")
     if tied is not None and not torch.equal(tied, body["Qformer.bert.embeddings.word_embeddings.weight"]):
         raise Blip2Error(f"{path}: the Q-Former LM head is not tied to the word embeddings")
@@ -192,10 +199,41 @@ def load_lavis(path: Path, llm: str | None = None, vision: str | VisionConfig | 
         raise Blip2Error(f"{path}: a stage-2 Q-Former without its projection")
     state.update(vit_state)
     net = checkpoints.build(cfg, state, lm_state, str(path), dtype)
+    if llm_copies:
+        check_llm_copies(llm_copies, prefix, net.language_model.model, path)
     qtok = None
     if qformer.has_text:
         qtok = _qformer_tokenizer(qformer_tokenizer)
     return checkpoints.Checkpoint(net, cfg, tok, qtok, generation if text is not None else None, str(path))
+
+
+def check_llm_copies(copies: dict[str, torch.Tensor], prefix: str, lm: torch.nn.Module, path: Path) -> None:
+    """LLM tensors in a LAVIS file: only what LAVIS's runner leaves there, and never loaded.
+
+    The runner saves ``state_dict()`` minus the frozen entries of ``named_parameters()``, which lists a
+    tied weight once: the frozen LLM's tied aliases stay in the file (OPT's ``lm_head.weight``, Flan-T5's
+    encoder and decoder ``embed_tokens.weight``). Those are accepted when they are the LLM's own weights, and
+    named in one stderr line when not; any other LLM key is an unexpected key. Equality is exact at the
+    coarser of the two precisions (LAVIS saved the copies in its training dtype, the LLM here is in the load
+    dtype).
+    """
+    import sys
+
+    frozen = {name for name, _ in lm.named_parameters()}
+    leftovers = {prefix + k: v for k, v in lm.state_dict().items() if k not in frozen}
+    unknown = sorted(set(copies) - set(leftovers))
+    if unknown:
+        raise Blip2Error(f"{path}: unexpected keys {checkpoints._few(unknown)}")
+    differ = [k for k, copy in copies.items() if not _same_weights(copy, leftovers[k])]
+    if differ:
+        print(f"warning: {path.name}: {', '.join(differ)} differ from the language model's weights; "
+              "ignored (the language model's own are used)", file=sys.stderr)
+
+
+def _same_weights(copy: torch.Tensor, ref: torch.Tensor) -> bool:
+    if copy.shape != ref.shape:
+        return False
+    return torch.equal(copy.to(ref.dtype), ref) or torch.equal(copy, ref.to(copy.dtype))
 
 
 def _qformer_tokenizer(name: str):
@@ -204,7 +242,9 @@ def _qformer_tokenizer(name: str):
 
     from .hub import local_dir_for
 
-    tok = AutoTokenizer.from_pretrained(local_dir_for(name))
+    path = local_dir_for(name)
+    checkpoints.refuse_remote_code(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tok.bos_token is None or tok.bos_token != "[DEC]":
         tok.add_special_tokens({"bos_token": "[DEC]"})
     return tok

@@ -29,7 +29,8 @@ def build_language_model(text_config: dict[str, Any], state_dict: dict[str, torc
     if state_dict is None:
         model = model_class._from_config(config, dtype=dtype)
     else:
-        model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
+        model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype,
+                                            trust_remote_code=False)
     return model.eval()
 
 

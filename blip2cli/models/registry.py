@@ -24,14 +24,17 @@ class Entry:
     vision: str | None = None  # for LAVIS files: the tower they were trained with
     image_size: int = 224
     generation: str | None = None  # generation recipe name
+    size_gb: float | None = None  # approximate download size (hub files blip2 fetches, or the URL's file)
 
     @property
     def where(self) -> str:
         return self.source.split(":", 1)[1]
 
 
-def _hf(name: str, description: str, generation: str | None = "caption", image_size: int = 224) -> Entry:
-    return Entry(name, "blip2", f"hf:Salesforce/{name}", description, image_size=image_size, generation=generation)
+def _hf(name: str, description: str, size_gb: float, generation: str | None = "caption",
+        image_size: int = 224) -> Entry:
+    return Entry(name, "blip2", f"hf:Salesforce/{name}", description, image_size=image_size, generation=generation,
+                 size_gb=size_gb)
 
 
 def _lavis(name: str, file: str, description: str, vision: str, llm: str | None = None,
@@ -41,15 +44,15 @@ def _lavis(name: str, file: str, description: str, vision: str, llm: str | None 
 
 
 ENTRIES: list[Entry] = [
-    _hf("blip2-opt-2.7b", "stage-2 pretrained, EVA ViT-g + OPT-2.7B"),
-    _hf("blip2-opt-6.7b", "stage-2 pretrained, EVA ViT-g + OPT-6.7B"),
-    _hf("blip2-opt-2.7b-coco", "COCO-captioning fine-tuned, OPT-2.7B, 364 px", "caption-coco", 364),
-    _hf("blip2-opt-6.7b-coco", "COCO-captioning fine-tuned, OPT-6.7B, 364 px", "caption-coco", 364),
-    _hf("blip2-flan-t5-xl", "stage-2 pretrained, EVA ViT-g + Flan-T5-XL"),
-    _hf("blip2-flan-t5-xxl", "stage-2 pretrained, EVA ViT-g + Flan-T5-XXL"),
-    _hf("blip2-flan-t5-xl-coco", "COCO-captioning fine-tuned, Flan-T5-XL, 364 px", "caption-coco", 364),
-    _hf("blip2-itm-vit-g", "stage-1 pretrained Q-Former: ITM and ITC", None),
-    _hf("blip2-itm-vit-g-coco", "COCO-retrieval fine-tuned Q-Former, 364 px", None, 364),
+    _hf("blip2-opt-2.7b", "stage-2 pretrained, EVA ViT-g + OPT-2.7B", 15.5),
+    _hf("blip2-opt-6.7b", "stage-2 pretrained, EVA ViT-g + OPT-6.7B", 31),
+    _hf("blip2-opt-2.7b-coco", "COCO-captioning fine-tuned, OPT-2.7B, 364 px", 15.5, "caption-coco", 364),
+    _hf("blip2-opt-6.7b-coco", "COCO-captioning fine-tuned, OPT-6.7B, 364 px", 31, "caption-coco", 364),
+    _hf("blip2-flan-t5-xl", "stage-2 pretrained, EVA ViT-g + Flan-T5-XL", 16),
+    _hf("blip2-flan-t5-xxl", "stage-2 pretrained, EVA ViT-g + Flan-T5-XXL", 49),
+    _hf("blip2-flan-t5-xl-coco", "COCO-captioning fine-tuned, Flan-T5-XL, 364 px", 16, "caption-coco", 364),
+    _hf("blip2-itm-vit-g", "stage-1 pretrained Q-Former: ITM and ITC", 4.7, None),
+    _hf("blip2-itm-vit-g-coco", "COCO-retrieval fine-tuned Q-Former, 364 px", 4.7, None, 364),
     _lavis("lavis-stage1-vit-g", "blip2_pretrained.pth", "LAVIS stage-1 Q-Former, EVA ViT-g", "eva-g"),
     _lavis("lavis-stage1-vit-l", "blip2_pretrained_vitL.pth", "LAVIS stage-1 Q-Former, CLIP ViT-L", "clip-l"),
     _lavis("lavis-stage1-vit-g-coco", "blip2_finetune_coco.pth", "LAVIS retrieval fine-tuned, ViT-g, 364 px",
@@ -68,10 +71,10 @@ ENTRIES: list[Entry] = [
           "EVA-CLIP ViT-g/14 (39 of 40 blocks), as BLIP-2 used it; open_clip EVA01-g-14 has the same layout"),
     Entry("clip-l", "tower", f"lavis:{LAVIS_URL}clip_vit_L.pth",
           "OpenAI CLIP ViT-L/14 (23 of 24 blocks, QuickGELU); open_clip ViT-L-14/openai has the same layout"),
-    Entry("opt-2.7b", "llm", "hf:facebook/opt-2.7b", "OPT-2.7B, decoder-only"),
-    Entry("opt-6.7b", "llm", "hf:facebook/opt-6.7b", "OPT-6.7B, decoder-only"),
-    Entry("flant5-xl", "llm", "hf:google/flan-t5-xl", "Flan-T5-XL, encoder-decoder"),
-    Entry("flant5-xxl", "llm", "hf:google/flan-t5-xxl", "Flan-T5-XXL, encoder-decoder"),
+    Entry("opt-2.7b", "llm", "hf:facebook/opt-2.7b", "OPT-2.7B, decoder-only", size_gb=5.3),
+    Entry("opt-6.7b", "llm", "hf:facebook/opt-6.7b", "OPT-6.7B, decoder-only", size_gb=13.3),
+    Entry("flant5-xl", "llm", "hf:google/flan-t5-xl", "Flan-T5-XL, encoder-decoder", size_gb=11.4),
+    Entry("flant5-xxl", "llm", "hf:google/flan-t5-xxl", "Flan-T5-XXL, encoder-decoder", size_gb=45),
     Entry("blip-large-captioner", "captioner", "hf:Salesforce/blip-image-captioning-large",
           "BLIP-large captioner (ViT-L, COCO-finetuned), 384 px: CapFilt's captioner", image_size=384),
     Entry("clip-vit-l-14", "ranker", "hf:timm/vit_large_patch14_clip_224.openai",
@@ -79,6 +82,11 @@ ENTRIES: list[Entry] = [
 ]
 
 REGISTRY: dict[str, Entry] = {e.name: e for e in ENTRIES}
+
+
+def by_repo(repo_id: str) -> Entry | None:
+    """The entry whose weights are the hub repository ``repo_id``, if any."""
+    return next((e for e in ENTRIES if e.source == f"hf:{repo_id}"), None)
 
 
 def lookup(name: str, kind: str | None = None) -> Entry | None:

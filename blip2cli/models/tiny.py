@@ -7,7 +7,10 @@ the language, as OPT knows English.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -94,7 +97,26 @@ def pretrain_llm(captions: list[str], out: Path, steps: int = 1000, seed: int = 
         loss.backward()
         opt.step()
     model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    _save_atomically(out, [model, tok])
     return out
+
+
+def _save_atomically(out: Path, parts: list) -> None:
+    """``save_pretrained`` each part into a temporary sibling of ``out``, then rename it to ``out``: a kill
+    midway leaves no half-written ``out``. A complete ``out`` written meanwhile (by another run) is kept."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for part in parts:
+            part.save_pretrained(tmp)
+        if (out / "config.json").exists():
+            return
+        if out.exists():  # an incomplete directory from an older blip2: replace it
+            shutil.rmtree(out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "config.json").exists():  # not another run's complete copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

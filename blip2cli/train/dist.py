@@ -62,10 +62,44 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return x if world_size() == 1 else _GatherWithGrad.apply(x)
 
 
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: NCCL only moves CUDA tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def sum_all(x: torch.Tensor) -> torch.Tensor:
     """Sum of a (detached) tensor over ranks."""
     if world_size() == 1:
         return x.detach()
-    x = x.detach().clone()
+    x = x.detach().clone().to(_comm_device())
     dist.all_reduce(x)
-    return x
+    return x.cpu()
+
+
+def broadcast_text(text: str | None, src: int = 0) -> str | None:
+    """``text`` of rank ``src`` on every rank (None stays None), sent as bytes: nothing is unpickled."""
+    if world_size() == 1:
+        return text
+    device = _comm_device()
+    data = torch.tensor(list(text.encode()) if text is not None else [], dtype=torch.uint8)
+    size = torch.tensor([len(data) if text is not None else -1], dtype=torch.int64, device=device)
+    dist.broadcast(size, src)
+    if int(size) < 0:
+        return None
+    buf = data.to(device) if rank() == src else torch.empty(int(size), dtype=torch.uint8, device=device)
+    if int(size):
+        dist.broadcast(buf, src)
+    return buf.cpu().numpy().tobytes().decode()
+
+
+def first_error(error: str | None) -> str | None:
+    """Every rank's view of the lowest-ranked rank's error message (None when no rank has one)."""
+    if world_size() == 1:
+        return error
+    device = _comm_device()
+    failed = torch.tensor([rank() if error is not None else world_size()], dtype=torch.int64, device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MIN)
+    src = int(failed)
+    return None if src == world_size() else broadcast_text(error, src)

@@ -8,6 +8,7 @@ read the complete trainer state; ``model_state`` gathers the full weights for a 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from . import dist
+from ..integrity import weights_only_load
 from .recipe import PretrainRecipe, deepspeed_config
 from .schedule import param_groups
 
@@ -83,7 +85,7 @@ class TorchEngine:
                     "scaler": self.scaler.state_dict()}, path / "engine.pt")
 
     def load(self, path: Path) -> None:
-        state = torch.load(path / "engine.pt", map_location=self.device, weights_only=True)
+        state = weights_only_load(path / "engine.pt", map_location=self.device)
         missing, unexpected = self.task.load_state_dict(state["trainable"], strict=False)
         if unexpected:
             raise RuntimeError(f"resume: unexpected keys {unexpected[:5]}")
@@ -104,6 +106,8 @@ class DeepSpeedEngine:
             model=task, optimizer=_optimizer(task, recipe), model_parameters=trainable, config=config)
         self.device = self.engine.device
         self.kind = f"deepspeed-zero{recipe.train.zero_stage}"
+        self.save_error: str | None = None
+        self._guard_checkpoint_files()
         if recipe.train.zero_stage == 3:
             for p in task.net.external_parameters():
                 deepspeed.zero.register_external_parameter(self.engine.module, p)
@@ -134,8 +138,30 @@ class DeepSpeedEngine:
                 return {k: v.detach().clone() for k, v in net.state_dict().items()}
         return net.state_dict()
 
+    def _guard_checkpoint_files(self) -> None:
+        """DeepSpeed reads its checkpoint files weights-only, and a failed write (a full disk) is recorded
+        instead of raised midway, so that this rank still joins the collectives that end the save."""
+        files = self.engine.checkpoint_engine
+        write = files.save
+
+        def save(state_dict: Any, path: str) -> None:
+            if self.save_error is not None:
+                return
+            try:
+                write(state_dict, path)
+            except Exception as e:
+                self.save_error = f"{path}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+        files.save = save
+        files.load = weights_only_load
+
     def save(self, path: Path) -> None:
+        self.save_error = None
         self.engine.save_checkpoint(str(path), tag="engine", save_latest=False)
+        if self.save_error is not None:
+            raise OSError(self.save_error)
 
     def load(self, path: Path) -> None:
         loaded, _ = self.engine.load_checkpoint(str(path), tag="engine", load_module_strict=False)

@@ -1,4 +1,4 @@
-"""The pretraining loop shared by both stages: data, steps, logging, checkpoints, resume, SIGTERM."""
+"""The pretraining loop shared by both stages: data, steps, logging, verified checkpoints, resume, signals."""
 
 from __future__ import annotations
 
@@ -8,17 +8,19 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import Blip2Error
+from ..errors import Blip2Error, Interrupted
 from ..models import checkpoints
-from . import dist, rundir
+from .. import integrity
+from . import dist, rundir, state
 from .engine import make_engine
+from .metrics import MetricsLog
 from .recipe import PretrainRecipe
 from .schedule import lr_at
 
@@ -80,56 +82,206 @@ def _loader(mixture, recipe: PretrainRecipe):
                            persistent_workers=False))
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 class Stopper:
-    """SIGTERM (and SIGINT) ask for a checkpoint at the end of the current step; every rank agrees."""
+    """SIGTERM (and SIGINT) ask for a checkpoint at the end of the current step; the previous handlers
+    come back when the block ends."""
 
     def __init__(self) -> None:
         self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Stopper:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def should_stop(self) -> bool:
-        flag = torch.tensor(float(self.requested))
-        return bool(dist.sum_all(flag) > 0) if dist.is_distributed() else self.requested
+
+def _agree(stop: bool, error: str | None) -> tuple[bool, str | None]:
+    """Every rank's view of (some rank was asked to stop, rank 0's error): one collective per step."""
+    if not dist.is_distributed():
+        return stop, error
+    flags = dist.sum_all(torch.tensor([float(stop), float(error is not None)]))
+    return bool(flags[0] > 0), dist.broadcast_text(error) if flags[1] > 0 else None
+
+
+@dataclass
+class Start:
+    """Where a run starts: its directory, the checkpoint it continues (None: step 0) and its lock (rank 0)."""
+
+    run: Path
+    checkpoint: Path | None
+    lock: rundir.RunLock | None = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def prepare(run_dir: Path, resume: str, overwrite: bool = False) -> Start:
+    """Lock the run directory and choose the checkpoint to continue, before anything is built.
+
+    Rank 0 decides (it alone holds the lock) and every rank gets its answer, or its error.
+    """
+    lock, chosen, failure = None, None, None
+    if dist.rank() == 0:
+        try:
+            lock = rundir.RunLock(run_dir).acquire()
+            chosen = choose_checkpoint(run_dir, resume, overwrite)
+        except Exception as e:
+            failure = e
+            if lock is not None:
+                lock.release()
+    message = dist.broadcast_text(None if failure is None else str(failure) or type(failure).__name__)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise Blip2Error("")  # rank 0 reports it
+    where = dist.broadcast_text(None if chosen is None else str(chosen))
+    return Start(run_dir, None if where is None else Path(where), lock)
+
+
+def choose_checkpoint(run: Path, resume: str, overwrite: bool) -> Path | None:
+    """The checkpoint ``--resume`` names (rank 0): ``auto``, ``never`` or a directory. See ``prepare``."""
+    if overwrite and resume not in ("auto", "never", ""):
+        raise Blip2Error(f"--overwrite starts a clean run: it does not go with --resume {resume}")
+    if resume in ("never", "") or overwrite:
+        if rundir.has_checkpoints(run):
+            if not overwrite:
+                raise Blip2Error(f"{run} already has checkpoints ({_listing(run)}): --resume never would train over "
+                                 "them from step 0; add --overwrite to delete them first, or drop --resume never to "
+                                 "continue")
+            removed = rundir.clear_run(run)
+            print(f"--overwrite: deleted {', '.join(removed)} from {run}", file=sys.stderr)
+        return None
+    if resume == "auto":
+        return _newest_verified(run)
+    return _named(Path(resume))
+
+
+def _listing(run: Path) -> str:
+    steps = [p.name for p in rundir.step_dirs(run)]
+    return ", ".join(steps[:3] + (["..."] if len(steps) > 3 else [])) or "latest"
+
+
+def _newest_verified(run: Path) -> Path | None:
+    """``latest`` if it verifies; else the newest checkpoint that does, named on stderr; else an error.
+    None only where the run has no checkpoint at all."""
+    target, problem = rundir.read_latest(run)
+    if target is not None:
+        try:
+            integrity.verify(target)
+            return target
+        except integrity.CorruptCheckpoint as e:
+            problem = f"latest ({target.name}) does not verify: {e}"
+    others = [p for p in rundir.step_dirs(run) if target is None or p.resolve() != target.resolve()]
+    if problem is None and not others:
+        return None
+    problem = problem or f"{run / 'latest'} is missing"
+    failures = []
+    for candidate in others:
+        try:
+            integrity.verify(candidate)
+        except integrity.CorruptCheckpoint as e:
+            failures.append(str(e))
+            continue
+        print(f"warning: {problem}; continuing from {candidate}, the newest checkpoint that verifies",
+              file=sys.stderr)
+        return candidate
+    seen = "; ".join(failures[:2]) + ("; ..." if len(failures) > 2 else "") if failures else "there is none"
+    raise Blip2Error(f"{problem}, and no other checkpoint verifies ({seen}): nothing was started; continue from "
+                     "one you trust with --resume DIR, or start over with --resume never --overwrite")
+
+
+def _named(path: Path) -> Path:
+    """A checkpoint given as ``--resume DIR``: it must verify (one without a manifest is used, with a warning)."""
+    if not path.is_dir():
+        raise Blip2Error(f"--resume {path}: no such checkpoint directory")
+    if not (path / "trainer").is_dir():
+        raise Blip2Error(f"--resume {path}: not a training checkpoint (no trainer/ directory); --resume auto "
+                         "continues a run directory")
+    if not integrity.verify(path, require_manifest=False):
+        print(f"warning: {path} has no {integrity.MANIFEST} (written before checkpoints were verified): "
+              "continuing from it unverified", file=sys.stderr)
+    return path
+
+
+def _error_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    first = (str(e).strip().splitlines() or [""])[0]
+    return first if isinstance(e, (OSError, Blip2Error)) else f"{type(e).__name__}: {first}"
+
+
+def _needed_bytes(engine, ckpt: checkpoints.Checkpoint, model_state: dict[str, torch.Tensor],
+                  last: Path | None) -> int:
+    """About what one checkpoint takes: the last one's size, or weights plus fp32 AdamW state."""
+    size = integrity.checkpoint_size(last) if last is not None else None
+    if size:
+        return size
+    by_reference = tuple(f"{name}." for name in ckpt.frozen_sources)
+    weights = sum(v.numel() * v.element_size() for k, v in model_state.items() if not k.startswith(by_reference))
+    trained = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+    return weights + 12 * trained
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def save_checkpoint(engine, ckpt: checkpoints.Checkpoint, run: Path, step: int, mixture, consumed: int,
-                    recipe: PretrainRecipe) -> Path:
-    """``step-NNNNNN/`` with a loadable model (rank 0) and the full trainer state, then ``latest``."""
+                    recipe: PretrainRecipe, last: Path | None = None) -> Path:
+    """``step-NNNNNN/`` with a loadable model (rank 0), the full trainer state and, written last, its
+    manifest; renamed into place, then ``latest``. A failed save removes its partial directory and raises."""
+    rank = dist.rank()
     partial = rundir.partial_dir(run, step)
-    if dist.rank() == 0:
+    if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     if dist.is_distributed():
         torch.distributed.barrier()
-    engine.save(partial / "trainer")
-    mixture.position = consumed
-    torch.save({"step": step, "data": mixture.state_dict(), "rng": _rng_state(), "engine": engine.kind,
-                "world_size": dist.world_size()},
-               partial / "trainer" / f"state-rank{dist.rank():03d}.pt")
+    error = None
+    try:
+        engine.save(partial / "trainer")
+        mixture.position = consumed
+        state.write(partial / "trainer", rank, {"step": step, "data": mixture.state_dict(), "rng": state.rng_state(),
+                                                "engine": engine.kind, "world_size": dist.world_size()})
+    except Exception as e:
+        error = _error_line(e)
     model_state = engine.model_state()  # a collective under ZeRO-3
-    if dist.rank() == 0:
-        checkpoints.write_model(ckpt, partial, extra={"step": step, "stage": recipe.stage}, state=model_state)
-    if dist.is_distributed():
-        torch.distributed.barrier()
+    if rank == 0 and error is None:
+        try:
+            checkpoints.write_model(ckpt, partial, extra={"step": step, "stage": recipe.stage}, state=model_state)
+        except Exception as e:
+            error = _error_line(e)
+    error = dist.first_error(error)
     final = rundir.step_dir(run, step)
-    if dist.rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        rundir.point_latest(run, final)
+    if rank == 0 and error is None:
+        try:
+            integrity.write_manifest(partial, step)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            rundir.point_latest(run, final)
+        except Exception as e:
+            error = _error_line(e)
+    error = dist.first_error(error)
+    if error is not None:
+        message = ""
+        if rank == 0:
+            need = _needed_bytes(engine, ckpt, model_state, last)
+            shutil.rmtree(partial, ignore_errors=True)
+            free = shutil.disk_usage(run).free
+            kept = f"{last} is intact" if last is not None else "there is no earlier checkpoint"
+            message = (f"saving the checkpoint of step {step} failed ({error}); a checkpoint needs about {_gb(need)} "
+                       f"in {run}, which has {_gb(free)} free; the partial checkpoint was removed and {kept}")
+        raise Blip2Error(message)
+    if rank == 0:
         rundir.prune(run, recipe.train.keep_last)
     if dist.is_distributed():
         torch.distributed.barrier()
@@ -138,69 +290,104 @@ def save_checkpoint(engine, ckpt: checkpoints.Checkpoint, run: Path, step: int, 
 
 def resume_from(engine, mixture, checkpoint: Path) -> tuple[int, dict[str, Any]]:
     """Restore the engine and the data position; returns the step and the RNG state to set last."""
-    state_file = checkpoint / "trainer" / f"state-rank{dist.rank():03d}.pt"
-    if not state_file.exists():
-        raise Blip2Error(f"{checkpoint}: no trainer state for rank {dist.rank()} (was it written by fewer ranks?)")
-    state = torch.load(state_file, weights_only=False)
-    if state.get("engine") != engine.kind:
-        raise Blip2Error(f"{checkpoint} was written by the {state.get('engine')} engine; this run uses {engine.kind}: "
-                         "resume with the same train.engine and train.zero_stage")
-    engine.load(checkpoint / "trainer")
-    mixture.load_state_dict(state["data"])
-    return int(state["step"]), state["rng"]
+    trainer = checkpoint / "trainer"
+    error, saved = None, None
+    try:
+        saved = state.read(trainer, dist.rank())
+        if saved is None:
+            error = f"{checkpoint}: no trainer state for rank {dist.rank()} (was it written by fewer ranks?)"
+        elif saved["engine"] != engine.kind:
+            error = (f"{checkpoint} was written by the {saved['engine']} engine; this run uses {engine.kind}: "
+                     "resume with the same train.engine and train.zero_stage")
+    except Blip2Error as e:
+        error = str(e)
+    error = dist.first_error(error)
+    if error is not None:
+        raise Blip2Error(error if dist.rank() == 0 else "")
+    engine.load(trainer)
+    mixture.load_state_dict(saved["data"])
+    return int(saved["step"]), saved["rng"]
 
 
-def run(recipe: PretrainRecipe, task, ckpt: checkpoints.Checkpoint, run_dir: Path, resume: str,
-        device: torch.device) -> Path | None:
-    """Train ``task`` for ``recipe.train.steps`` optimiser steps; returns the last checkpoint."""
+def run(recipe: PretrainRecipe, task, ckpt: checkpoints.Checkpoint, start: Start, device: torch.device) -> Path | None:
+    """Train ``task`` for ``recipe.train.steps`` optimiser steps from ``start`` (see ``prepare``); returns the
+    last checkpoint. A signal saves a checkpoint and raises ``Interrupted``; the lock is released either way."""
+    try:
+        return _train(recipe, task, ckpt, start, device)
+    finally:
+        start.release()
+
+
+def _train(recipe: PretrainRecipe, task, ckpt: checkpoints.Checkpoint, start: Start,
+           device: torch.device) -> Path | None:
     from .progress import TrainProgress
 
     rank, world = dist.rank(), dist.world_size()
-    t = recipe.train
+    t, run_dir = recipe.train, start.run
     if rank == 0:
         rundir.clear_partial(run_dir)
         rundir.write_provenance(run_dir, asdict(recipe), rundir.command_line())
     engine = make_engine(task, recipe, device)
     mixture = build_data(recipe, rank, world)
     step, rng = 0, None
-    previous = None
-    if resume == "auto":
-        previous = rundir.latest(run_dir)
-    elif resume not in ("never", ""):
-        previous = Path(resume)
-        if not previous.is_dir():
-            raise Blip2Error(f"--resume {resume}: no such checkpoint directory")
-    if previous is not None:
-        step, rng = resume_from(engine, mixture, previous)
-        print(f"resumed from {previous} at step {step}", file=sys.stderr)
+    if start.checkpoint is not None:
+        step, rng = resume_from(engine, mixture, start.checkpoint)
+        if rank == 0:
+            print(f"resumed from {start.checkpoint} at step {step}", file=sys.stderr)
+    metrics = _open_metrics(run_dir, step, start.checkpoint) if rank == 0 else None
     consumed = mixture.position
     batches = _loader(mixture, recipe)  # (making the loader draws from the RNG: restore it afterwards)
     if rng is not None:
-        _set_rng_state(rng)
-    stopper = Stopper()
+        state.set_rng_state(rng)
     per_step = recipe.data.batch_size * t.grad_accum * world
-    last = previous
-    with TrainProgress(t.steps, step, enabled=rank == 0) as progress:
-        while step < t.steps:
-            started = time.perf_counter()
-            lr = lr_at(step, recipe.optim.lr, recipe.optim.min_lr, recipe.optim.warmup_lr, recipe.optim.warmup_steps,
-                       t.steps)
-            micro = [_to(next(batches), engine.device) for _ in range(t.grad_accum)]
-            consumed += recipe.data.batch_size * t.grad_accum
-            losses = engine.train_batch(micro, step, lr)
-            step += 1
-            record = {"step": step, "lr": lr, **losses, "samples_per_s": per_step / (time.perf_counter() - started)}
-            if rank == 0:
-                rundir.append_metrics(run_dir, record)
-                progress.update(record, log=step % t.log_every == 0 or step == t.steps)
-            stop = stopper.should_stop()
-            if step % t.save_every == 0 or step == t.steps or stop:
-                last = save_checkpoint(engine, ckpt, run_dir, step, mixture, consumed, recipe)
-            if stop:
-                if rank == 0:
-                    print(f"stopped at step {step}: checkpoint {last}; continue with --resume auto", file=sys.stderr)
-                break
+    last = start.checkpoint
+    try:
+        with Stopper() as stopper, TrainProgress(t.steps, step, enabled=rank == 0) as progress:
+            while step < t.steps:
+                started = time.perf_counter()
+                lr = lr_at(step, recipe.optim.lr, recipe.optim.min_lr, recipe.optim.warmup_lr,
+                           recipe.optim.warmup_steps, t.steps)
+                micro = [_to(next(batches), engine.device) for _ in range(t.grad_accum)]
+                consumed += recipe.data.batch_size * t.grad_accum
+                losses = engine.train_batch(micro, step, lr)
+                step += 1
+                record = {"step": step, "lr": lr, **losses,
+                          "samples_per_s": per_step / (time.perf_counter() - started)}
+                error = _log(metrics, progress, record, log=step % t.log_every == 0 or step == t.steps)
+                stop, error = _agree(stopper.requested, error)
+                if error is not None:
+                    raise Blip2Error(error if rank == 0 else "")
+                if step % t.save_every == 0 or step == t.steps or stop:
+                    last = save_checkpoint(engine, ckpt, run_dir, step, mixture, consumed, recipe, last)
+                if stop and step < t.steps:
+                    raise Interrupted(f"stopped at step {step}: checkpoint {last}; rerun the same command to continue"
+                                      if rank == 0 else "")
+    finally:
+        if metrics is not None:
+            metrics.close()
     return last
+
+
+def _open_metrics(run_dir: Path, step: int, checkpoint: Path | None) -> MetricsLog:
+    """Rank 0, continuing from ``step``: set the run's later checkpoints aside, drop later metrics rows, log."""
+    aside = rundir.set_aside_after(run_dir, step, checkpoint)
+    if aside is not None:
+        moved = ", ".join(sorted(p.name for p in aside.iterdir()))
+        print(f"moved {moved} to {aside}: this run continues from step {step} (delete that folder when you no "
+              "longer need it)", file=sys.stderr)
+    return MetricsLog(run_dir, through_step=step)
+
+
+def _log(metrics: MetricsLog | None, progress, record: dict[str, Any], log: bool) -> str | None:
+    """Append ``record`` (rank 0) and show it; returns the error of a failed append."""
+    if metrics is None:
+        return None
+    progress.update(record, log=log)
+    try:
+        metrics.append(record)
+    except Blip2Error as e:
+        return str(e)
+    return None
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

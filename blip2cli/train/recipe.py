@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import checked
 from ..errors import Blip2Error
 from ..models.qformer import QFormerConfig
 from ..models.vision import VisionConfig
@@ -15,80 +16,70 @@ from .tasks import Stage1Loss, Stage2Loss
 class ModelRecipe:
     # a registry tower (pretrained weights, e.g. eva-g) or an inline config (random frozen weights)
     vision: str | VisionConfig = "eva-g"
-    image_size: int = 224
+    image_size: int = checked(224, ge=1)
     ln_vision_eps: float = 1e-5  # LAVIS's ln_vision
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     # stage 1: BERT weights for the Q-Former ("" for random); query FFNs start as copies of the text FFNs
     qformer_init: str = "google-bert/bert-base-uncased"
     tokenizer: str = "google-bert/bert-base-uncased"  # Q-Former tokenizer ([DEC] added); "tiny" built in
-    embed_dim: int = 256
+    embed_dim: int = checked(256, ge=1)
     llm: str = ""  # stage 2: registry LLM, hub id or directory; "tiny" pretrains a small LM on the captions
-    frozen_dtype: str = "bfloat16"  # the frozen tower and LLM (paper: fp16 ViT/OPT, bf16 Flan-T5)
+    # the frozen tower and LLM (paper: fp16 ViT/OPT, bf16 Flan-T5)
+    frozen_dtype: str = checked("bfloat16", choices=("float32", "bfloat16", "float16"))
 
 
 @dataclass
 class SourceRecipe:
-    kind: str  # shapes | webdataset | caption_json
+    kind: str = checked(choices=("shapes", "webdataset", "caption_json"))
     path: str = ""  # shards (directory, brace pattern) or annotation file
     image_root: str = ""
-    weight: float = 1.0
-    size: int = 1000  # shapes: number of renderings
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("shapes", "webdataset", "caption_json"):
-            raise Blip2Error(f"data source kind {self.kind!r}: expected shapes, webdataset or caption_json")
+    weight: float = checked(1.0, gt=0)
+    size: int = checked(1000, ge=1)  # shapes: number of renderings
 
 
 @dataclass
 class DataRecipe:
     sources: list[SourceRecipe] = field(default_factory=list)
-    batch_size: int = 16  # per rank and micro-step
-    num_workers: int = 2
-    min_scale: float = 0.5  # random resized crop (paper: crop + flip)
-    max_words: int = 50
+    batch_size: int = checked(16, ge=1)  # per rank and micro-step
+    num_workers: int = checked(2, ge=0)
+    min_scale: float = checked(0.5, gt=0, le=1)  # random resized crop (paper: crop + flip)
+    max_words: int = checked(50, ge=1)
 
 
 @dataclass
 class OptimRecipe:
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_steps: int = 2000
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # paper; LAVIS runs 0.999
-    eps: float = 1e-8
+    lr: float = checked(1e-4, gt=0)
+    min_lr: float = checked(1e-5, ge=0)
+    warmup_lr: float = checked(1e-6, ge=0)
+    warmup_steps: int = checked(2000, ge=0)
+    weight_decay: float = checked(0.05, ge=0)
+    betas: list[float] = checked(default_factory=lambda: [0.9, 0.98], ge=0, lt=1)  # paper; LAVIS runs 0.999
+    eps: float = checked(1e-8, gt=0)
     # LAVIS decays the temperature and the query tokens too; by default they are left undecayed here.
     decay_temp_and_queries: bool = False
 
 
 @dataclass
 class TrainRecipe:
-    steps: int = 250_000
-    global_batch: int = 0  # 0: batch_size x world size x accumulation (no check)
-    grad_accum: int = 1
-    precision: str = "bf16"  # autocast of the trainable part: fp32, bf16, fp16
-    grad_clip: float = 0.0  # 0: none (LAVIS clips nothing)
-    engine: str = "auto"  # auto (DeepSpeed when launched with several ranks), torch, deepspeed
-    zero_stage: int = 2
+    steps: int = checked(250_000, ge=1)
+    global_batch: int = checked(0, ge=0)  # 0: batch_size x world size x accumulation (no check)
+    grad_accum: int = checked(1, ge=1)
+    precision: str = checked("bf16", choices=("fp32", "bf16", "fp16"))  # autocast of the trainable part
+    grad_clip: float = checked(0.0, ge=0)  # 0: none (LAVIS clips nothing)
+    # auto (DeepSpeed when launched with several ranks), torch, deepspeed
+    engine: str = checked("auto", choices=("auto", "torch", "deepspeed"))
+    zero_stage: int = checked(2, choices=(0, 1, 2, 3))
     deepspeed_preset: str = ""  # a file of recipes/deepspeed/ (zero2, zero3), merged into the generated config
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config, merged last
-    log_every: int = 10
-    save_every: int = 1000
-    keep_last: int = 3
+    log_every: int = checked(10, ge=1)
+    save_every: int = checked(1000, ge=1)
+    keep_last: int = checked(3, ge=1)
     seed: int = 42
-
-    def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise Blip2Error(f"train.precision {self.precision!r}: expected fp32, bf16 or fp16")
-        if self.engine not in ("auto", "torch", "deepspeed"):
-            raise Blip2Error(f"train.engine {self.engine!r}: expected auto, torch or deepspeed")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise Blip2Error(f"train.zero_stage {self.zero_stage}: expected 0 to 3")
 
 
 @dataclass
 class PretrainRecipe:
-    stage: str = "stage1"
+    stage: str = checked("stage1", choices=("stage1", "stage2"))
     model: ModelRecipe = field(default_factory=ModelRecipe)
     stage1: Stage1Loss = field(default_factory=Stage1Loss)
     stage2: Stage2Loss = field(default_factory=Stage2Loss)
@@ -97,8 +88,6 @@ class PretrainRecipe:
     train: TrainRecipe = field(default_factory=TrainRecipe)
 
     def __post_init__(self) -> None:
-        if self.stage not in ("stage1", "stage2"):
-            raise Blip2Error(f"stage {self.stage!r}: expected stage1 or stage2")
         if not self.data.sources:
             raise Blip2Error("data.sources is empty: name at least one dataset")
 
