@@ -280,6 +280,7 @@ def _cli(models, shards: Path, out: Path, *extra: str) -> list[str]:
             "--set", "workers=0", "--batch-size", "1", "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
 def test_cli_killed_run_resumes_to_the_same_output(models, shards, tmp_path):
     many = tmp_path / "many"
     many.mkdir()

@@ -121,3 +121,29 @@ def test_convert_to_transformers(hf_itm, tmp_path):
     assert proc.returncode == 0, proc.stderr
     model = Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "hf")
     assert model.config.num_query_tokens == 4
+
+
+@pytest.mark.parametrize("args,fragment", [(["pretrain", "stage1", "--vitt", "eva-g"], "No such option: --vitt"),
+                                           (["generate", "x.png", "--num-beams", "zero"], "--num-beams"),
+                                           (["nope"], "No such command 'nope'")])
+def test_usage_errors_are_one_line_naming_the_help(args, fragment):
+    proc = run(*args)
+    assert_one_line_error(proc, fragment, "--help')")
+    assert proc.returncode == 2
+
+
+def test_version():
+    proc = run("--version")
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"blip2 {blip2cli.__version__}"
+
+
+def test_models_piped_prints_whole_names():
+    from blip2cli.models.registry import ENTRIES
+
+    proc = run("models")  # stdout is a pipe here, as in `blip2 models | grep opt`
+    assert proc.returncode == 0
+    rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert [r[0] for r in rows] == [e.name for e in ENTRIES]
+    assert all(len(r) == 4 for r in rows)
+    assert max(len(line) for line in proc.stdout.splitlines()) > 80  # nothing cut to a terminal's width

@@ -93,6 +93,7 @@ def test_zero_two_ranks_equal_one_process(stage, zero, assets, tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_pretrain_under_the_deepspeed_launcher_saves_and_resumes(tmp_path):
     blip2 = str(Path(sys.executable).with_name("blip2"))
     args = [blip2, "pretrain", "stage1", "--recipe", "tiny", "--out", "runs", "--name", "ds", "--set",

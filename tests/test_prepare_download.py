@@ -71,6 +71,7 @@ def _samples(tar_path: Path) -> dict[str, dict[str, bytes]]:
     return out
 
 
+@pytest.mark.slow
 def test_cc3m_download_to_shards_counts_failures_and_resumes(server, tmp_path):
     base, log = server
     rows = [(f"caption number {i}", f"{base}/img{i}.jpg") for i in range(GOOD)]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from . import readme
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_quickstart_captions_the_shapes_it_drew(quickstart):
     *_, generate = readme.commands("Quickstart")
     proc = quickstart.results[generate]

@@ -102,6 +102,7 @@ def tiny_runs(quickstart):
     return quickstart.root
 
 
+@pytest.mark.slow
 def test_tiny_stage1_retrieves_held_out_captions(tiny_runs):
     from blip2cli.data.synthetic import COLOURS, SHAPES, ShapesDataset, caption
 
@@ -118,6 +119,7 @@ def test_tiny_stage1_retrieves_held_out_captions(tiny_runs):
     assert last["loss"] < first["loss"]
 
 
+@pytest.mark.slow
 def test_tiny_stage2_names_colour_and_shape_of_new_images(tiny_runs, tmp_path):
     from blip2cli.data.synthetic import ShapesDataset
 
@@ -142,6 +144,7 @@ def _metrics(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_a_straight_run(tmp_path):
     args = ["pretrain", "stage1", "--recipe", "tiny", "--out", "runs", "--set", "train.steps=40",
             "--set", "train.save_every=20", "--set", "train.log_every=1000"]
