@@ -226,3 +226,13 @@ def test_retrieval_scores_are_bound_to_their_model(tmp_path, hf_itm):
     assert json.loads(replaced.stdout) == json.loads(first.stdout)  # the same weights, copied: the same scores
     made_by = json.loads((tmp_path / "runs" / "f" / "provenance.json").read_text())["made_by"]
     assert made_by["model"]["source"] == str(other.resolve()) and made_by["settings"] == {"k": 3}
+
+
+def test_a_second_eval_on_a_directory_in_use_stops_at_once(bench, runs):
+    with rundir.RunLock(bench / "runs" / "v"):
+        proc = eval_vqa(bench, runs["x"].parent / "latest", "--name", "v")
+    line = one_error(proc)
+    assert f"PID {os.getpid()}" in line and "is in use" in line
+    assert not (bench / "runs" / "v" / "provenance.json").exists()
+    again = eval_vqa(bench, runs["x"].parent / "latest", "--name", "v")  # the lock went with its holder
+    assert again.returncode == 0, again.stderr[-3000:]

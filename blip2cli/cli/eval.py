@@ -86,9 +86,18 @@ class ModelRun:
         record = provenance.record(command, identity, self.resolved_dtype(), settings,
                                    {**inputs, "images": self.images})
         directory = self.out / self.name if self.name else provenance.default_dir(self.out, command, label, record)
+        self.lock_directory(directory)
         provenance.check(directory, record, work, self.overwrite)
         self.directory, self.provenance = directory, record
         return directory
+
+    def lock_directory(self, directory: Path) -> None:
+        """One run per directory: rank 0 holds its lock until the process ends (a second run stops at once,
+        naming the holder)."""
+        from ..train.rundir import RunLock
+
+        if int(os.environ.get("RANK", "0")) == 0:  # before the process group exists: the launcher's rank
+            self.lock = RunLock(directory).acquire()
 
     def start(self) -> None:
         """Rank 0 makes the run directory this run's (``--overwrite`` discards, then ``provenance.json`` is
