@@ -163,7 +163,7 @@ def generate(
     blip2 generate photos/ --prompt-file questions.txt --json
     """
     from ..api import load
-    from .progress import progress
+    from ..progress import progress
 
     skips = Skips()
     jobs = [job for job in plan(args, prompt, prompt_file) if _header_ok(job[0], max_pixels, skips)]

@@ -181,7 +181,7 @@ def capfilt(
     from ..api import quiet_transformers, resolve_device, resolve_dtype
     from ..data.capfilt import CapFiltRecipe, list_shards, run_capfilt, summarize
     from ..train import dist
-    from .progress import progress
+    from ..progress import progress
 
     spec = _recipe(CapFiltRecipe, recipe or "prepare/capfilt", set_, captioner=captioner, ranker=ranker,
                    batch_size=batch_size, seed=seed)

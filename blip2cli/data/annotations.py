@@ -322,7 +322,7 @@ def _fetch(entry: AnnotationFile, url: str, target: Path, verify: bool) -> str:
 
 def _download(entry: AnnotationFile, url: str, out_dir: Path, out: BinaryIO) -> str:
     """Stream ``url`` into ``out``; its md5. Any network failure is one ``Blip2Error`` saying where to get the file."""
-    from ..cli.progress import progress
+    from ..progress import progress
 
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:

@@ -65,7 +65,7 @@ def predict(model, items: list[Item], settings: GenerationEval, out: Path, key: 
     With ``on_skip``, an unreadable image is passed to it as ``PATH: reason`` (once) and its items get no
     prediction; without, it is an error.
     """
-    from ..cli.progress import progress
+    from ..progress import progress
     from ..train import dist
 
     if not model.can_generate:
