@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .errors import Blip2Error
-from .io import fsync_dir
+from .io import atomic_write_text, fsync_dir
 
 MANIFEST = "manifest.json"
 TRAINER = "trainer/"  # the optimiser and data state of a training checkpoint, beside the model
@@ -77,12 +77,7 @@ def write_manifest(root: Path, step: int) -> int:
         fsync_file(path)
         files[path.relative_to(root).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
     text = json.dumps({"format": FORMAT, "version": 1, "step": step, "files": files}, indent=1)
-    tmp = root / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MANIFEST)
+    atomic_write_text(root / MANIFEST, text)
     for directory in {root, *((root / name).parent for name in files)}:
         fsync_dir(directory)
     return sum(entry["size"] for entry in files.values())

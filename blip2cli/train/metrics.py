@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Blip2Error
-from ..io import fsync_dir
+from ..io import atomic_write_text
 
 NAME = "metrics.jsonl"
 
@@ -45,13 +45,7 @@ def repair(run: Path, through_step: int) -> None:
     repeated = len(rows) - later - len(kept)
     if not (bad or later or repeated or (data and not data.endswith(b"\n"))):
         return
-    tmp = path.with_name(f".{NAME}.tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(kept[s]) + "\n" for s in sorted(kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(run)
+    atomic_write_text(path, "".join(json.dumps(kept[s]) + "\n" for s in sorted(kept)))
     notes = ([f"{bad} unreadable line(s) (a torn write)"] if bad else []) + (
         [f"{later} row(s) after step {through_step}, where this run continues"] if later else []) + (
         [f"{repeated} repeated row(s)"] if repeated else [])
