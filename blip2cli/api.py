@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .config import load_recipe
 from .errors import Blip2Error
-from .images import MAX_PIXELS, check_header, open_rgb
+from .images import MAX_PIXELS, open_rgb
 from .models.blip2 import Blip2ImageToText, Blip2Stage1
 from .models.checkpoints import Checkpoint
 from .models.vision import image_transform
@@ -99,25 +99,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def open_image(image: ImageLike, max_pixels: int = MAX_PIXELS, exif_transpose: bool = False):
-    """A PIL RGB image from a path or an image, decoded once (see ``blip2cli.images.open_rgb``)."""
-    return open_rgb(image, max_pixels=max_pixels, exif_transpose=exif_transpose)
-
-
-def check_image(image: ImageLike, max_pixels: int = MAX_PIXELS) -> None:
-    """Fail early on an image that cannot be used: the whole image is decoded, then dropped.
-
-    ``check_image_header`` catches all but a corrupt body without decoding anything.
-    """
-    open_image(image, max_pixels)
-
-
-def check_image_header(image: ImageLike, max_pixels: int = MAX_PIXELS) -> None:
-    """A cheap check before a model loads: a regular file whose header Pillow recognises, within
-    ``max_pixels``. The pixels are not decoded, so a file truncated after its header passes."""
-    check_header(image, max_pixels=max_pixels)
-
-
 def _image_list(images: ImageLike | Sequence[ImageLike]) -> tuple[list[ImageLike], bool]:
     """The images as a list, and whether a single image (rather than a sequence) was given."""
     from PIL import Image
@@ -178,8 +159,8 @@ class Blip2:
 
     def read_image(self, image: ImageLike, max_pixels: int | None = None, exif_transpose: bool | None = None):
         """The image as RGB under this model's image rules, or the ones given (``None``: the model's)."""
-        return open_image(image, self.max_pixels if max_pixels is None else max_pixels,
-                          self.exif_transpose if exif_transpose is None else exif_transpose)
+        return open_rgb(image, max_pixels=self.max_pixels if max_pixels is None else max_pixels,
+                        exif_transpose=self.exif_transpose if exif_transpose is None else exif_transpose)
 
     def _text(self, tokenizer, texts: Sequence[str], max_length: int | None = None):
         enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=max_length is not None,

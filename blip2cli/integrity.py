@@ -49,7 +49,8 @@ class UnsafeCheckpoint(Blip2Error):
     """A checkpoint file that would build Python objects beyond tensors and plain data when read."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as hex, read in 16 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -75,7 +76,7 @@ def write_manifest(root: Path, step: int) -> int:
     files = {}
     for path in _files(root):
         fsync_file(path)
-        files[path.relative_to(root).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.relative_to(root).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     text = json.dumps({"format": FORMAT, "version": 1, "step": step, "files": files}, indent=1)
     atomic_write_text(root / MANIFEST, text)
     for directory in {root, *((root / name).parent for name in files)}:
@@ -137,7 +138,7 @@ def _check_files(root: Path, files: dict[str, Any], present: list[Path]) -> None
         size = path.stat().st_size
         if size != entry.get("size"):
             raise CorruptCheckpoint(f"{path}: {size} bytes, the manifest says {entry.get('size')}")
-        if _sha256(path) != entry.get("sha256"):
+        if sha256_file(path) != entry.get("sha256"):
             raise CorruptCheckpoint(f"{path}: contents differ from the manifest (SHA-256)")
     extra = [p.relative_to(root).as_posix() for p in present if p.relative_to(root).as_posix() not in files]
     if extra:

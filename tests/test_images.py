@@ -240,11 +240,9 @@ def rotated_jpeg(tmp_path) -> Path:
 
 
 def test_exif_orientation_ignored_unless_asked(rotated_jpeg):
-    from blip2cli.api import open_image
     from blip2cli.data.datasets import decode_image
 
-    assert open_rgb(rotated_jpeg).size == (40, 20)  # LAVIS: the pixels as stored
-    assert open_image(rotated_jpeg).size == (40, 20)  # what eval uses
+    assert open_rgb(rotated_jpeg).size == (40, 20)  # LAVIS: the pixels as stored (eval reads through open_rgb)
     assert decode_image({"__key__": "k", "jpg": rotated_jpeg.read_bytes()}).size == (40, 20)  # training, CapFilt
     upright = open_rgb(rotated_jpeg, exif_transpose=True)
     assert upright.size == (20, 40)

@@ -137,11 +137,9 @@ def _mark(path: Path) -> str:
     stat = path.stat()
     if stat.st_size > SMALL_FILE:
         return f"size {stat.st_size} mtime_ns {stat.st_mtime_ns}"
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return f"sha256 {digest.hexdigest()}"
+    from ..integrity import sha256_file
+
+    return f"sha256 {sha256_file(path)}"
 
 
 def _digest(value: Any) -> str:
