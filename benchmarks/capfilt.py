@@ -10,9 +10,9 @@ models and decoding settings (the CapFilt recipe's), and report images/s, their 
 image (torch's FLOP counter, on the warm-up images) with the rate it sustains: on CPU both are
 compute-bound, so the achieved GFLOP/s shows how close each comes to the machine's matmul throughput.
 
-    python benchmarks/capfilt.py                        # tiny and mid-size models, CPU
-    python benchmarks/capfilt.py --size mid --images 64
-    python benchmarks/capfilt.py --size full --device cuda --dtype float16   # BLIP-large + CLIP ViT-L/14
+    python -m benchmarks.capfilt                        # tiny and mid-size models, CPU
+    python -m benchmarks.capfilt --size mid --images 64
+    python -m benchmarks.capfilt --size full --device cuda --dtype float16   # BLIP-large + CLIP ViT-L/14
 
 Sizes: ``tiny`` (2-layer, 32-wide), ``mid`` (6-layer 384-wide ViTs and decoder, BERT vocabulary),
 ``full`` (BLIP-large: ViT-L/16 at 384 px and a BERT-base decoder; CLIP ViT-L/14 at 224 px).
@@ -24,15 +24,11 @@ import argparse
 import dataclasses
 import io
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _weights import randomise  # noqa: E402
+from benchmarks._weights import randomise
 
 WARM = 2  # warm-up images, also those whose arithmetic is counted
 VOCAB = 30524  # BLIP's BERT vocabulary with [DEC] and [ENC]
@@ -90,13 +86,15 @@ def mean_caption_tokens(captioner, shard: Path, recipe) -> float:
     import torch
     from PIL import Image
 
-    from blip2cli.data.capfilt import read_samples, row_seed
+    from blip2cli.data.capfilt import read_samples
+    from blip2cli.models.capfilt_captioner import row_seed
 
+    decoding = recipe.decoding
     samples = list(read_samples(shard))
     pixels = torch.stack([captioner.pixels(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in samples])
-    seeds = torch.tensor([row_seed(0, s["__key__"], j) for s in samples for j in range(recipe.num_captions)])
-    texts = captioner.sample(pixels, seeds, recipe)
-    lengths = [len(captioner.processor.tokenizer(recipe.prompt + t)["input_ids"]) - 1 for t in texts]
+    seeds = torch.tensor([row_seed(0, s["__key__"], j) for s in samples for j in range(decoding.num_captions)])
+    texts = captioner.sample(pixels, seeds, decoding)
+    lengths = [len(captioner.processor.tokenizer(decoding.prompt + t)["input_ids"]) - 1 for t in texts]
     return sum(lengths) / len(lengths)
 
 
@@ -142,21 +140,21 @@ def one_at_a_time(shard: Path, captioner, ranker, recipe) -> int:
     import torch
     from PIL import Image
 
-    from blip2cli.data.capfilt import read_samples, strip_prompt, top_captions
+    from blip2cli.data.capfilt import read_samples, top_captions
     from blip2cli.data.datasets import web_caption
+    from blip2cli.models.capfilt_captioner import strip_prompt
 
-    model, processor = captioner.model, captioner.processor
+    model, processor, d = captioner.model, captioner.processor, recipe.decoding
     done = 0
     for sample in read_samples(shard):
         image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-        inputs = processor(images=image, text=recipe.prompt, return_tensors="pt").to(captioner.device)
+        inputs = processor(images=image, text=d.prompt, return_tensors="pt").to(captioner.device)
         with torch.inference_mode():
             ids = model.generate(pixel_values=inputs["pixel_values"].to(captioner.dtype), input_ids=inputs["input_ids"],
-                                 do_sample=True, top_k=recipe.top_k, top_p=recipe.top_p,
-                                 num_return_sequences=recipe.num_captions,
-                                 max_length=recipe.max_length, min_length=recipe.min_length,
-                                 repetition_penalty=recipe.repetition_penalty)
-        texts = [strip_prompt(t, recipe.prompt) for t in processor.batch_decode(ids, skip_special_tokens=True)]
+                                 do_sample=True, top_k=d.top_k, top_p=d.top_p, num_return_sequences=d.num_captions,
+                                 max_length=d.max_length, min_length=d.min_length,
+                                 repetition_penalty=d.repetition_penalty)
+        texts = [strip_prompt(t, d.prompt) for t in processor.batch_decode(ids, skip_special_tokens=True)]
         web = web_caption(sample)
         scores = ranker.scores(ranker.preprocess(image)[None], [[web, *texts]])[0]
         top_captions(web, texts, scores, recipe.keep)
@@ -169,9 +167,11 @@ def measure(size: str, n: int, batch: int, workers: int, device: str, dtype: str
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from blip2cli.api import resolve_device, resolve_dtype
+    from blip2cli.runtime.devices import resolve_device, resolve_dtype
     from blip2cli.config import load_recipe
-    from blip2cli.data.capfilt import Captioner, CapFiltRecipe, Ranker, process_shard
+    from blip2cli.data.capfilt import CapFiltRecipe, process_shard
+    from blip2cli.models.capfilt_captioner import Captioner
+    from blip2cli.models.clip_ranker import Ranker
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -208,7 +208,7 @@ def measure(size: str, n: int, batch: int, workers: int, device: str, dtype: str
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
     reference_gflop, our_gflop = (counter.get_total_flops() / WARM / 1e9 for counter in (reference_flops, our_flops))
     return {"size": size, "device": str(dev), "dtype": str(dt).removeprefix("torch."), "images": n, "batch": batch,
-            "captions_per_image": recipe.num_captions, "end_bias": end_bias, "mean_caption_tokens": round(tokens, 1),
+            "captions_per_image": recipe.decoding.num_captions, "end_bias": end_bias, "mean_caption_tokens": round(tokens, 1),
             "one_at_a_time_images_per_s": round(reference, 3),
             "blip2_images_per_s": round(ours, 3), "ratio_blip2_over_one_at_a_time": round(ours / reference, 2),
             "one_at_a_time_gflop_per_image": round(reference_gflop, 2), "blip2_gflop_per_image": round(our_gflop, 2),

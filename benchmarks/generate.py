@@ -4,7 +4,7 @@ Builds one random mid-size BLIP-2 (12-layer 768-wide ViT, BERT-base Q-Former, a 
 then runs each implementation in its own process (so each peak RSS is its own): batch 8, 5 beams,
 20 new tokens. Prints images/s, the ratio and peak memory, and checks the texts are identical.
 
-    python benchmarks/generate.py [--device cuda --dtype bfloat16] [--full]
+    python -m benchmarks.generate [--device cuda --dtype bfloat16] [--full]
 
 ``--full`` uses the blip2-opt-2.7b architecture (for a GPU).
 """
@@ -19,11 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _memory import peak_rss_mib  # noqa: E402
-from _weights import randomise  # noqa: E402
+from benchmarks._memory import peak_rss_mib
+from benchmarks._weights import randomise
 
 PROMPTS = ["", "a photo of", "Question: what is on the table? Short answer:", "two dogs",
            "the man is", "Question: what colour is the car? Answer:", "a picture of", "this is"]

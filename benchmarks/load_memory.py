@@ -6,7 +6,7 @@ above the process's baseline (after imports) as a multiple of the weights' size.
 on the meta device and adopts the loaded tensors stays near 1.0; one that initialises the model and
 then copies weights in approaches 2.0.
 
-    python benchmarks/load_memory.py [--mid] [--dtype float16]
+    python -m benchmarks.load_memory [--mid] [--dtype float16]
 """
 
 from __future__ import annotations
@@ -14,14 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _memory import peak_rss_mib, rss_mib  # noqa: E402
+from benchmarks._memory import peak_rss_mib, rss_mib
 
 
 def write_checkpoint(path: Path, mid: bool, dtype: str) -> float:
@@ -59,7 +55,7 @@ def load_side(side: str, path: str, dtype: str, queue) -> None:
     from transformers import Blip2ForConditionalGeneration  # noqa: F401
 
     import blip2cli
-    from blip2cli.api import quiet_transformers
+    from blip2cli.runtime.progress import quiet_transformers
 
     import blip2cli.models.hub  # noqa: F401
 

@@ -4,7 +4,7 @@
 Each side runs in its own process (its own peak RSS). blip2 also runs on a quarter of the images, to
 show that its peak does not grow with the number of images.
 
-    python benchmarks/retrieval.py [--images 1000 --texts 5000 --k 16]
+    python -m benchmarks.retrieval [--images 1000 --texts 5000 --k 16]
 """
 
 from __future__ import annotations
@@ -12,15 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from _memory import peak_rss_mib, rss_mib  # noqa: E402
+from benchmarks._memory import peak_rss_mib, rss_mib
 
 
 def build():
@@ -28,7 +22,7 @@ def build():
 
     from blip2cli.api import Blip2
     from blip2cli.models.blip2 import Blip2Config, Blip2Stage1
-    from blip2cli.models.checkpoints import Checkpoint
+    from blip2cli.models.assemble import Checkpoint
     from blip2cli.models.qformer import QFormerConfig
     from blip2cli.models.tiny import qformer_tokenizer
     from blip2cli.models.vision import VisionConfig

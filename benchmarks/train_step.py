@@ -5,7 +5,7 @@ A mid-size stage-1 model (12-layer 384-wide ViT at 224 px, 6-layer 384-wide Q-Fo
 cores, the ZeRO runs take half of it on each of two ranks (gloo on CPU, NCCL on GPUs). Prints
 samples/s, peak RSS per rank and the ratios against the plain process.
 
-    python benchmarks/train_step.py [--batch 8] [--steps 5] [--full --device cuda]
+    python -m benchmarks.train_step [--batch 8] [--steps 5] [--full --device cuda]
 
 ``--full`` uses the paper's architecture (EVA ViT-g, BERT-base Q-Former) in bf16, for a GPU.
 """
@@ -21,11 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks._memory import peak_rss_mib
 
-from _memory import peak_rss_mib  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # on the workers' PYTHONPATH, for ``-m benchmarks.train_step``
 
 
 def make_task(full: bool):
@@ -70,9 +68,9 @@ def batch(n: int, image_size: int = 224):
 def worker(args) -> None:
     import torch
 
-    from blip2cli.train import dist
+    from blip2cli.runtime import dist
     from blip2cli.train.engine import DeepSpeedEngine, TorchEngine
-    from blip2cli.train.loop import init_distributed
+    from blip2cli.runtime.dist import init_distributed
 
     device = init_distributed()
     task, recipe = make_task(args.full)
@@ -103,17 +101,18 @@ def worker(args) -> None:
 
 
 def launch(zero: int, args, result: Path) -> dict:
-    script = [str(Path(__file__).resolve()), "--worker", "--zero", str(zero), "--batch", str(args.batch),
-              "--steps", str(args.steps), "--result", str(result)] + (["--full"] if args.full else [])
+    worker_args = ["--worker", "--zero", str(zero), "--batch", str(args.batch), "--steps", str(args.steps),
+                   "--result", str(result)] + (["--full"] if args.full else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if zero < 0:
-        cmd = [sys.executable, *script]
+        cmd = [sys.executable, "-m", "benchmarks.train_step", *worker_args]
     else:
         env.update(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
         if not args.device.startswith("cuda"):
             env["DS_ACCELERATOR"] = "cpu"
         deepspeed = str(Path(sys.executable).with_name("deepspeed"))
-        cmd = [deepspeed, "--num_accelerators" if env.get("DS_ACCELERATOR") else "--num_gpus", "2", *script]
+        cmd = [deepspeed, "--num_accelerators" if env.get("DS_ACCELERATOR") else "--num_gpus", "2", "--module",
+               "benchmarks.train_step", *worker_args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"run with zero={zero} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .runtime import __version__
 
 
 def load(name_or_path: str, device="auto", dtype="auto", llm: str | None = None, max_pixels: int | None = None,

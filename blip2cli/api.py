@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any, Union
 
@@ -12,91 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from .config import load_recipe
-from .errors import Blip2Error
+from .runtime.devices import resolve_device, resolve_dtype
+from .runtime.errors import Blip2Error
+from .runtime.progress import quiet_transformers
 from .images import MAX_PIXELS, open_rgb
 from .models.blip2 import Blip2ImageToText, Blip2Stage1
-from .models.checkpoints import Checkpoint
+from .models.assemble import Checkpoint
+from .models.decoding import Decoding
+from .models.qformer_text import qformer_text
 from .models.vision import image_transform
 
 ImageLike = Union[str, os.PathLike, "PIL.Image.Image"]  # noqa: F821
 Text = Union[str, list[str]]  # one text, or num_captions texts, for one image
 OnError = Callable[[Any, Blip2Error], None]
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-@dataclass
-class Decoding:
-    """Decoding settings; ``blip2cli/recipes/generate/*.yaml`` hold each model's defaults."""
-
-    prompt: str = ""
-    num_beams: int = 5
-    max_new_tokens: int = 30
-    min_new_tokens: int = 1
-    length_penalty: float = 1.0
-    repetition_penalty: float = 1.0
-    top_p: float = 0.9
-    sample: bool = False
-    num_captions: int = 1
-
-    def with_overrides(self, **overrides: Any) -> Decoding:
-        """These settings with the user's ``overrides`` (``None`` means not given).
-
-        ``sample=True`` without ``num_beams`` draws each text on its own (one beam): beam-sampling
-        the recipe's beams would cap ``num_captions`` at the beam width and return near-duplicates.
-        """
-        given = {k: v for k, v in overrides.items() if v is not None}
-        unknown = sorted(set(given) - {f.name for f in fields(self)})
-        if unknown:
-            raise Blip2Error(f"unknown decoding setting(s) {', '.join(unknown)}: expected any of "
-                             f"{', '.join(f.name for f in fields(self))}")
-        if given.get("sample") and "num_beams" not in given:
-            given["num_beams"] = 1
-        return replace(self, **given)
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``generate`` for these settings."""
-        kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
-                                  repetition_penalty=self.repetition_penalty, num_return_sequences=self.num_captions)
-        if self.sample:
-            kw.update(do_sample=True, top_p=self.top_p, num_beams=self.num_beams)
-        else:
-            if self.num_captions > self.num_beams:
-                raise Blip2Error(f"--num-captions {self.num_captions} needs at least as many beams "
-                                 f"(--num-beams {self.num_beams}), or --sample")
-            kw.update(do_sample=False, num_beams=self.num_beams, length_penalty=self.length_penalty)
-        return kw
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise Blip2Error(f"unknown dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
-    return DTYPES[dtype]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise Blip2Error(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise Blip2Error(f"device {device!r} requested but CUDA is not available here; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise Blip2Error(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise Blip2Error("device 'mps' requested but it is not available here")
-    return dev
 
 
 def _image_list(images: ImageLike | Sequence[ImageLike]) -> tuple[list[ImageLike], bool]:
@@ -149,7 +76,8 @@ class Blip2:
         self.device = device
         self.dtype = dtype
         self.transform = image_transform(ckpt.config.vision.image_size)
-        self.defaults = (load_recipe(Decoding, f"generate/{ckpt.generation}") if ckpt.generation else Decoding())
+        # a model without a generation recipe of its own decodes as the stage-2 pretrained models do
+        self.defaults = load_recipe(Decoding, f"generate/{ckpt.generation or 'caption'}")
 
     # ------------------------------------------------------------------ inputs
     def pixel_values(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
@@ -162,10 +90,17 @@ class Blip2:
         return open_rgb(image, max_pixels=self.max_pixels if max_pixels is None else max_pixels,
                         exif_transpose=self.exif_transpose if exif_transpose is None else exif_transpose)
 
-    def _text(self, tokenizer, texts: Sequence[str], max_length: int | None = None):
-        enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=max_length is not None,
-                        max_length=max_length)
+    def _prompt_ids(self, prompts: Sequence[str]):
+        """The LLM's prompts, padded to the longest (never cut)."""
+        enc = self.checkpoint.tokenizer(list(prompts), return_tensors="pt", padding=True)
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+
+    def _qformer_text(self, texts: Sequence[str], max_length: int | None):
+        """Texts for the Q-Former, cut at ``max_length`` tokens (``None``: the checkpoint's ``max_txt_len``, the
+        length its Q-Former was trained with)."""
+        if max_length is None:
+            max_length = self.config.qformer.max_txt_len
+        return qformer_text(self.checkpoint.qformer_tokenizer, texts, max_length, self.device)
 
     # ------------------------------------------------------------------ generation
     @property
@@ -184,7 +119,7 @@ class Blip2:
 
         With ``num_captions`` above 1, each image's text is a list of that many texts.
         ``prompts``: one prompt for all images, or one per image; default: the model's recipe prompt.
-        ``decoding``: any field of ``Decoding`` (num_beams, max_new_tokens, sample, ...).
+        ``decoding``: any field of ``Decoding`` (num_beams, max_new_tokens, sample, ...), over the model's recipe.
         ``on_error``: called with an image that cannot be read and its error, instead of raising; that
         image's result is ``None`` and the other images of its batch are still generated.
         ``max_pixels``, ``exif_transpose``: this call's image rules (default: the model's, see ``Blip2``).
@@ -194,8 +129,8 @@ class Blip2:
                              "(use itm/itc, or a blip2-opt/flan-t5 model)")
         items, single = _image_list(images)
         settings = self.decoding(**decoding)
-        texts_in = self._prompts(len(items), prompts, settings.prompt)
-        kwargs = settings.generate_kwargs()
+        texts_in = self._prompts(len(items), prompts, settings.prompt or "")
+        kwargs = settings.generate_kwargs(decoder_only=not self.net.language_model.is_encoder_decoder)
         kwargs.setdefault("pad_token_id", self.checkpoint.tokenizer.pad_token_id)
         results: list[Text | None] = [None] * len(items)
         read = partial(self.read_image, max_pixels=max_pixels, exif_transpose=exif_transpose)
@@ -203,7 +138,7 @@ class Blip2:
             readable = self._read_images(items, range(part.start, part.stop), read, on_error)
             if readable:
                 texts = self._generate_batch(list(readable.values()), [texts_in[i] for i in readable], kwargs)
-                for i, text in zip(readable, self._per_image(texts, settings.num_captions)):
+                for i, text in zip(readable, self._per_image(texts, settings.num_captions or 1)):
                     results[i] = text
         return results[0] if single else results
 
@@ -222,7 +157,7 @@ class Blip2:
 
     def _generate_batch(self, pixels: list[torch.Tensor], prompts: list[str], kwargs: dict[str, Any]) -> list[str]:
         tok = self.checkpoint.tokenizer
-        ids, mask = self._text(tok, prompts)
+        ids, mask = self._prompt_ids(prompts)
         out = self.net.generate(torch.stack(pixels).to(self.device, self.dtype), ids, mask, **kwargs)
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
@@ -257,22 +192,24 @@ class Blip2:
 
     @torch.inference_mode()
     def itm(self, images: ImageLike | Sequence[ImageLike], texts: str | Sequence[str],
-            max_length: int = 32) -> torch.Tensor | float:
+            max_length: int | None = None) -> torch.Tensor | float:
         """Probability that each image matches its paired text, ``(B,)``; a float for one image and one text.
 
-        A single image is paired with every text, and a single text with every image.
+        A single image is paired with every text, and a single text with every image. ``max_length``: text
+        tokens kept, [CLS] and [SEP] included (default: the checkpoint's ``qformer.max_txt_len``, the length its
+        Q-Former was trained with: 32 for BLIP-2's); the same holds for ``itc`` and ``extract_features``.
         """
         net = self._stage1()
         ims, one_image = _image_list(images)
         txts, one_text = _text_list(texts)
         ims, txts = _pairs(ims, one_image, txts, one_text, "itm")
-        ids, mask = self._text(self.checkpoint.qformer_tokenizer, txts, max_length)
+        ids, mask = self._qformer_text(txts, max_length)
         probs = net.itm_logits(self._image_embeds(ims), ids, mask).float().softmax(dim=-1)[:, 1].cpu()
         return probs.item() if one_image and one_text else probs
 
     @torch.inference_mode()
     def itc(self, images: ImageLike | Sequence[ImageLike], texts: str | Sequence[str],
-            max_length: int = 32) -> torch.Tensor | float:
+            max_length: int | None = None) -> torch.Tensor | float:
         """ITC similarity of every image with every text, ``(images, texts)``: best query's cosine.
 
         A single image (or text) drops its dimension: ``(texts,)``, ``(images,)``, or a float for both.
@@ -280,7 +217,7 @@ class Blip2:
         net = self._stage1()
         ims, one_image = _image_list(images)
         txts, one_text = _text_list(texts)
-        ids, mask = self._text(self.checkpoint.qformer_tokenizer, txts, max_length)
+        ids, mask = self._qformer_text(txts, max_length)
         sims = net.similarity(net.image_features(self._image_embeds(ims)), net.text_features(ids, mask)).float().cpu()
         if one_image and one_text:
             return sims[0, 0].item()
@@ -289,7 +226,7 @@ class Blip2:
     @torch.inference_mode()
     def extract_features(self, images: ImageLike | Sequence[ImageLike] | None = None,
                          texts: str | Sequence[str] | None = None, mode: str = "image",
-                         max_length: int = 32) -> dict[str, torch.Tensor]:
+                         max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Q-Former features, as LAVIS's ``extract_features``.
 
         ``image``: query outputs and their normalised ITC projections; ``text``: text states and the
@@ -309,13 +246,13 @@ class Blip2:
             return _unbatch(self._image_features(ims), one_image)
         net = self._stage1()
         if mode == "text":
-            ids, mask = self._text(self.checkpoint.qformer_tokenizer, txts, max_length)
+            ids, mask = self._qformer_text(txts, max_length)
             states = net.qformer(input_ids=ids, text_mask=mask, use_queries=False).hidden_states
             out = {"text_embeds": states.float().cpu(),
                    "text_features": F.normalize(net.text_proj(states[:, 0]), dim=-1).float().cpu()}
             return _unbatch(out, one_text)
         ims, txts = _pairs(ims, one_image, txts, one_text, "multimodal features")
-        ids, mask = self._text(self.checkpoint.qformer_tokenizer, txts, max_length)
+        ids, mask = self._qformer_text(txts, max_length)
         res = net.qformer(image=self._image_embeds(ims), input_ids=ids, text_mask=mask)
         return _unbatch({"multimodal_embeds": res.query_states.float().cpu()}, one_image and one_text)
 
@@ -338,20 +275,12 @@ def load(name_or_path: str, device: str | torch.device | None = "auto", dtype: s
 
     ``max_pixels`` and ``exif_transpose`` are the image rules of every call (see ``Blip2``).
     """
-    from .models.hub import load_checkpoint
+    from .models.resolve import load_checkpoint
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     quiet_transformers()
     return Blip2(load_checkpoint(name_or_path, llm=llm, dtype=dt), dev, dt, max_pixels, exif_transpose)
-
-
-def quiet_transformers() -> None:
-    """transformers' loading bars and advice would clutter stderr; errors still surface as ours."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 __all__ = ["Blip2", "Decoding", "load"]

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import Blip2Error
+from .runtime.errors import Blip2Error
 
 T = TypeVar("T")
 
@@ -65,8 +65,9 @@ def checked(default: Any = dataclasses.MISSING, *, default_factory: Any = datacl
 
 
 def recipes_root() -> Path:
-    """The packaged recipes directory."""
-    return Path(str(resources.files("blip2cli") / "recipes"))
+    """The recipes directory: the package ``blip2cli.recipes``, which pyproject maps to the top-level ``recipes/``
+    folder, so a checkout (editable install) and an installed wheel find the same short names."""
+    return Path(str(resources.files("blip2cli.recipes")))
 
 
 def recipe_path(name: str) -> Path:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any, Union
 
-from .errors import Blip2Error
+from .runtime.errors import Blip2Error
 
 if TYPE_CHECKING:
     from PIL import Image

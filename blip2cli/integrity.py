@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .errors import Blip2Error
-from .io import atomic_write_text, fsync_dir
+from .runtime.errors import Blip2Error
+from .runtime.io import atomic_write_text, fsync_dir
 
 MANIFEST = "manifest.json"
 TRAINER = "trainer/"  # the optimiser and data state of a training checkpoint, beside the model

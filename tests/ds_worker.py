@@ -1,4 +1,4 @@
-"""Run by tests/test_deepspeed.py under the DeepSpeed launcher: one forward/backward of a stage task
+"""Run by tests/train/test_deepspeed.py under the DeepSpeed launcher: one forward/backward of a stage task
 with batch B per rank through ``DeepSpeedEngine``; rank 0 saves the losses and the full gradients."""
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blip2cli.train import dist  # noqa: E402
+from blip2cli.runtime import dist  # noqa: E402
 from blip2cli.train.engine import DeepSpeedEngine  # noqa: E402
-from blip2cli.train.loop import init_distributed  # noqa: E402
-from tests.test_deepspeed import B, recipe_for, task_for  # noqa: E402
-from tests.test_losses import _batch  # noqa: E402
+from blip2cli.runtime.dist import init_distributed  # noqa: E402
+from tests.train.tiny_tasks import B, recipe_for, task_for, tiny_batch  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +31,7 @@ def main() -> None:
     rank, world = dist.rank(), dist.world_size()
     task = task_for(args.stage, args.assets)
     engine = DeepSpeedEngine(task, recipe_for(args.zero), device)
-    full = _batch(world * B)
+    full = tiny_batch(world * B)
     part = {"image": full["image"][rank * B:(rank + 1) * B], "text": full["text"][rank * B:(rank + 1) * B]}
     engine.engine.eval()  # no dropout: comparable with the single-process run
     out = engine.engine(part, 5)

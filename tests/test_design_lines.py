@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -24,9 +22,9 @@ from blip2cli.data import annotations
 from blip2cli.eval.generation import GenerationEval
 from blip2cli.eval.retrieval import RetrievalEval
 
-from . import tiny
+from tests import tiny
+from tests.helpers import blip2
 
-BLIP2 = str(Path(sys.executable).with_name("blip2"))
 PRETRAINING_DIRS = ["data/laion115m-capfilt", "data/cc12m-capfilt", "data/cc3m-capfilt", "data/sbu-capfilt",
                     "data/coco/shards", "data/vg/shards"]
 QUESTIONS = ["what is on the table?", "what colour is the sky?", "how many dogs are there?", "is it a circle?",
@@ -34,12 +32,13 @@ QUESTIONS = ["what is on the table?", "what colour is the sky?", "how many dogs 
 SMALL = ["--set", "batch_size=2", "--set", "max_new_tokens=3", "--set", "num_beams=2"]
 
 
-def blip2(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    """``blip2 ARGS`` in ``cwd``, offline, with an empty model cache unless ``env`` says otherwise."""
-    base = {"HF_HUB_OFFLINE": "1", "BLIP2_OFFLINE": "1", "OMP_NUM_THREADS": "2", "COLUMNS": "250",
-            "BLIP2_CACHE": str(cwd / ".cache" / "blip2")}
-    return subprocess.run([BLIP2, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **base, **env})
+@pytest.fixture(autouse=True)
+def as_a_user(tmp_path, monkeypatch):
+    """Each command runs (in ``tmp_path``) as a user's would with nothing downloaded yet: offline, blip2's own
+    download cache empty (``BLIP2_CACHE`` under ``tmp_path``), help printed wide enough to show whole names."""
+    monkeypatch.setenv("BLIP2_OFFLINE", "1")
+    monkeypatch.setenv("BLIP2_CACHE", str(tmp_path / ".cache" / "blip2"))
+    monkeypatch.setenv("COLUMNS", "250")
 
 
 def one_error(proc: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -135,7 +134,7 @@ def pretraining_data(tmp_path):
 
 def test_stage1_with_data_stops_at_the_missing_weights(pretraining_data):
     message = one_error(blip2("pretrain", "stage1", "--vit", "eva-g", cwd=pretraining_data,
-                              HF_HOME=str(pretraining_data / "hf")))
+                              env={"HF_HOME": str(pretraining_data / "hf")}))
     # the first frozen piece it builds: the BERT tokenizer and weights the Q-Former starts from
     assert "google-bert/bert-base-uncased is not in the Hugging Face cache" in message
     assert "hf download google-bert/bert-base-uncased" in message
@@ -144,14 +143,14 @@ def test_stage1_with_data_stops_at_the_missing_weights(pretraining_data):
 def test_stage2_with_data_names_the_missing_stage1_run_then_the_llm(pretraining_data):
     home = {"HF_HOME": str(pretraining_data / "hf")}
     message = one_error(blip2("pretrain", "stage2", "--llm", "flant5-xl", "--init", "runs/stage1/latest",
-                              cwd=pretraining_data, **home))
+                              cwd=pretraining_data, env=home))
     assert "--init runs/stage1/latest: no such run directory or checkpoint" in message
     assert "blip2 pretrain stage1" in message
     first = blip2("pretrain", "stage1", "--recipe", "tiny", "--set", "train.steps=1", "--name", "stage1",
-                  cwd=pretraining_data, **home)
+                  cwd=pretraining_data, env=home)
     assert first.returncode == 0, first.stderr[-3000:]
     message = one_error(blip2("pretrain", "stage2", "--llm", "flant5-xl", "--init", "runs/stage1/latest",
-                              cwd=pretraining_data, **home))
+                              cwd=pretraining_data, env=home))
     assert "google/flan-t5-xl is not in the Hugging Face cache" in message and "hf download google/flan-t5-xl" \
         in message
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from . import readme
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests import readme
+from tests.helpers import REPO as ROOT
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Tiny random BLIP-2 checkpoints, tokenizers and images, built offline for the tests."""
+"""Tiny random BLIP-2 checkpoints (transformers' format and LAVIS's), tokenizers and images, built offline for
+the tests; and the inputs transformers' processor builds for them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+
+from blip2cli.models.vision import VisionConfig
 
 CORPUS = [
     "a photo of a red circle on a table",
@@ -19,6 +22,11 @@ CORPUS = [
 
 IMAGE_SIZE = 32
 NUM_QUERIES = 4
+# prompts and texts the tiny models are compared on, against transformers and LAVIS
+PROMPTS = ["", "a photo of", "question: what is on the table? short answer:", "two dogs"]
+TEXTS = ["a red circle on a table", "two dogs playing", "a yellow car", "the man is riding a horse"]
+# the vision tower of the tiny checkpoints, as a LAVIS file needs it named
+TINY_VIT = VisionConfig(kind="eva", image_size=IMAGE_SIZE, patch_size=8, width=32, layers=2, heads=4, mlp_dim=64)
 
 
 def _bpe(specials: list[str], vocab_size: int = 400):
@@ -215,4 +223,53 @@ def make_open_clip(path: Path, seed: int = 4) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
     (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    return path
+
+
+def hf_inputs(model_dir, blip, images, prompts):
+    """What Blip2Processor builds: ``<image>`` x N in front of the tokenized (padded) prompts."""
+    tok = blip.checkpoint.tokenizer
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    n = len(prompts)
+    image_ids = torch.full((n, NUM_QUERIES), blip.config.image_token_id)
+    return dict(pixel_values=blip.pixel_values(images), input_ids=torch.cat([image_ids, enc.input_ids], 1),
+                attention_mask=torch.cat([torch.ones(n, NUM_QUERIES, dtype=torch.long), enc.attention_mask], 1))
+
+
+def write_lavis(blip, path, llm_kind: str | None, tied_llm_copies: bool = False) -> None:
+    """A loaded model's tensors under LAVIS's names, as a LAVIS ``.pth``: the inverse of the documented mapping.
+
+    ``tied_llm_copies``: as LAVIS's runner saves, which keeps ``state_dict()`` minus the frozen entries of
+    ``named_parameters()``; that lists a tied weight once, so the LLM's tied aliases stay in the file.
+    """
+    from blip2cli.models import keymaps
+
+    net = blip.net
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("language_model.")}
+    vision = {k: v for k, v in keymaps.split_qkv_bias(state).items() if k.startswith("vision.")}
+    vision = {k: v for k, v in vision.items() if not k.endswith("k_bias")}
+    # LAVIS stores separate q/v biases; the qkv weight carries no bias
+    state = {k: v for k, v in state.items() if not k.startswith("vision.")} | vision
+    km = keymaps.lavis_keys(llm_kind)
+    out = {}
+    for k, v in state.items():
+        if k == "qformer.lm_head.decoder.weight":
+            continue
+        new = km.to_theirs(k)
+        assert new is not None, k
+        out[new] = v.clone()
+    if "qformer.embeddings.word.weight" in state:
+        out["Qformer.bert.embeddings.position_ids"] = torch.arange(64).unsqueeze(0)
+    if tied_llm_copies:
+        lm = net.language_model.model
+        frozen = {name for name, _ in lm.named_parameters()}
+        prefix = "t5_model." if llm_kind == "t5" else "opt_model."
+        out |= {prefix + k: v.clone() for k, v in lm.state_dict().items() if k not in frozen}
+    torch.save({"model": out, "epoch": 3}, path)
+
+
+def llm_dir(blip, path):
+    """A loaded model's LM on its own, as a transformers directory (what ``--llm`` names)."""
+    blip.net.language_model.model.save_pretrained(path)
+    blip.checkpoint.tokenizer.save_pretrained(path)
     return path

@@ -14,7 +14,7 @@ try:  # typer >= 0.2x carries its own copy of click; its usage errors are that c
 except ImportError:  # pragma: no cover - older typer on the real click
     import click
 
-from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, Blip2Error
+from ..runtime.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, Blip2Error
 from . import eval as eval_cmd
 from . import generate, models, prepare, pretrain
 
@@ -29,7 +29,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from ..runtime import __version__
 
         print(f"blip2 {__version__}")
         raise typer.Exit()

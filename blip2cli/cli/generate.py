@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 from pathlib import Path
@@ -11,8 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import Blip2Error, PartialFailure
+from ..runtime.errors import Blip2Error, PartialFailure
 from ..images import MAX_PIXELS
+from .options import DtypeOpt, JsonLinesOpt, LavisLlmOpt, emit
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -124,8 +124,7 @@ def generate(
     model: Annotated[str, typer.Option(
         help="Registry name (see blip2 models), Hugging Face id or directory, LAVIS .pth, or run directory. "
              "The default is a download of about 15 GB on first use.")] = "blip2-opt-2.7b",
-    llm: Annotated[Optional[str], typer.Option(
-        help="The LLM of a LAVIS stage-2 .pth (registry name, hub id or directory).")] = None,
+    llm: LavisLlmOpt = None,
     num_beams: Annotated[Optional[int], typer.Option(
         min=1, help="Beam width (default: the model's recipe; 1 with --sample).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(
@@ -141,14 +140,14 @@ def generate(
     num_captions: Annotated[int, typer.Option(min=1, help="Texts per image.")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
+    dtype: DtypeOpt = "auto",
     max_pixels: Annotated[int, typer.Option(
         min=1, help="Refuse images with more pixels than this, from their header, before decoding "
                     "(the limit of every blip2 command).")] = MAX_PIXELS,
     exif_transpose: Annotated[bool, typer.Option(
         help="Turn images upright by their EXIF orientation, as image viewers show them; "
              "--no-exif-transpose uses the pixels as stored, as LAVIS and blip2 eval do.")] = True,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout, nothing else.")] = False,
+    json_out: JsonLinesOpt = False,
 ) -> None:
     """Caption images, or answer a prompt about them, with a BLIP-2 model.
 
@@ -163,7 +162,7 @@ def generate(
     blip2 generate photos/ --prompt-file questions.txt --json
     """
     from ..api import load
-    from ..progress import progress
+    from ..runtime.progress import progress
 
     skips = Skips()
     jobs = [job for job in plan(args, prompt, prompt_file) if _header_ok(job[0], max_pixels, skips)]
@@ -183,7 +182,7 @@ def generate(
                                   on_error=skips, **overrides)
             for (image, used_prompt), text in zip(batch, texts):
                 if text is not None:
-                    _emit(image, used_prompt, text, json_out)
+                    show(image, used_prompt, text, json_out)
                     written += 1
             advance(len(batch))
     if not written:
@@ -208,13 +207,15 @@ def _header_ok(image: str, max_pixels: int, skips: Skips) -> bool:
     return True
 
 
-def _emit(image: str, prompt: str, text, json_out: bool) -> None:
-    if json_out:
-        record = {"image": image, "prompt": prompt}
-        record["texts" if isinstance(text, list) else "text"] = text
-        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
-    elif isinstance(text, list):
-        sys.stdout.write(f"{image}:\n" + "".join(f"  {t}\n" for t in text))
+def show(image: str, prompt: str, text: str | list[str], json_out: bool) -> None:
+    """One image's text (or texts): a JSON line, or ``IMAGE: TEXT`` (several texts indented below the image)."""
+    record = {"image": image, "prompt": prompt}
+    record["texts" if isinstance(text, list) else "text"] = text
+    emit(record, json_out, render_texts, ensure_ascii=False)
+
+
+def render_texts(record: dict) -> None:
+    if "texts" in record:
+        sys.stdout.write(f"{record['image']}:\n" + "".join(f"  {t}\n" for t in record["texts"]))
     else:
-        sys.stdout.write(f"{image}: {text}\n")
-    sys.stdout.flush()
+        sys.stdout.write(f"{record['image']}: {record['text']}\n")

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from ..errors import Blip2Error
+from ..runtime.errors import Blip2Error
+from .options import JsonLinesOpt, LavisLlmOpt
 
 
 def list_models(
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    json_out: JsonLinesOpt = False,
 ) -> None:
     """List the model names blip2 knows, with where each one's weights come from."""
     from ..models.registry import ENTRIES
@@ -40,7 +41,7 @@ def convert(
     model: Annotated[str, typer.Argument(help="Any model blip2 loads (name, hub id, directory, LAVIS .pth).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (replaced atomically).")],
     to: Annotated[str, typer.Option(help="hf: a transformers BLIP-2 directory; blip2: our own format.")] = "hf",
-    llm: Annotated[Optional[str], typer.Option(help="The LLM of a LAVIS stage-2 .pth.")] = None,
+    llm: LavisLlmOpt = None,
 ) -> None:
     """Convert a model to a transformers BLIP-2 directory or to blip2's own format.
 
@@ -48,16 +49,17 @@ def convert(
     blip2 convert blip2_pretrained_opt2.7b.pth --llm opt-2.7b --out exported/ --to hf
     blip2 convert runs/tiny-stage2/latest --out tiny-hf/
     """
-    from ..api import quiet_transformers
-    from ..models import checkpoints
-    from ..models.hub import load_checkpoint
+    from ..runtime.progress import quiet_transformers
+    from ..models.formats.hf import export_hf
+    from ..models.formats.native import save
+    from ..models.resolve import load_checkpoint
 
     if to not in ("hf", "blip2"):
         raise Blip2Error(f"--to {to!r}: expected hf or blip2")
     _check_out_apart(model, out)
     quiet_transformers()
     ckpt = load_checkpoint(model, llm=llm)
-    (checkpoints.export_hf if to == "hf" else checkpoints.save)(ckpt, out)
+    (export_hf if to == "hf" else save)(ckpt, out)
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -4,17 +4,14 @@ No ``from __future__ import annotations`` here: the option help texts of the per
 from closure variables, which Typer could not resolve from postponed annotations.
 """
 
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from ..errors import Blip2Error
 from . import prepare_annotations
-from .options import DeviceOpt, JsonOpt, SetOpt
+from .options import DeviceOpt, DtypeOpt, JsonOpt, SetOpt, emit, recipe_option
 
 app = typer.Typer(help="Prepare data: download image-text datasets to webdataset shards, caption them with "
                        "CapFilt, fetch the benchmarks' annotation files.", no_args_is_help=True)
@@ -26,7 +23,8 @@ ProcessesOpt = Annotated[Optional[int], typer.Option(min=1, help="Download proce
 ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="Download threads per process.")]
 DistributorOpt = Annotated[Optional[str], typer.Option(
     help="img2dataset distributor: multiprocessing (one node), pyspark or ray (many nodes).")]
-RecipeOpt = Annotated[Optional[str], typer.Option(help="Recipe name or YAML path (default: prepare/<source>).")]
+RecipeOpt = recipe_option("prepare/<source>")
+CapFiltRecipeOpt = recipe_option("prepare/capfilt")
 
 
 def _recipe(cls: type, name: str, overrides: list[str] | None, **options: Any):
@@ -44,13 +42,6 @@ def _download_recipe(source: str, recipe: str | None, overrides: list[str] | Non
     from ..data.download import DownloadRecipe
 
     return _recipe(DownloadRecipe, recipe or f"prepare/{source}", overrides, **options)
-
-
-def _emit(summary: dict, json_out: bool, render) -> None:
-    if json_out:
-        sys.stdout.write(json.dumps(summary) + "\n")
-    else:
-        render(summary)
 
 
 def _render_download(summary: dict) -> None:
@@ -95,7 +86,7 @@ def _web_source(source: str, about: str):
         count = parse_count(subset) if subset else None
         summary = prepare_download(input or default_input(source, spec), out or _default_out(source, subset), spec,
                                    count, seed)
-        _emit(summary, json_out, _render_download)
+        emit(summary, json_out, _render_download)
 
     command.__doc__ = f"Download {about} into webdataset shards (img2dataset); a rerun skips finished shards."
     return command
@@ -127,7 +118,7 @@ def _annotated_source(source: str, about: str, train_file: str):
         json_out: JsonOpt = False,
     ) -> None:
         from ..data.download import parse_count, prepare_download
-        from .prepare_annotations import prepare_record
+        from ..data.annotations import prepare_record
 
         root = out or Path("data") / source
         splits = list(split or [])
@@ -138,7 +129,7 @@ def _annotated_source(source: str, about: str, train_file: str):
             spec = _download_recipe(source, recipe, set_, processes=processes, threads=threads, images=images)
             result["shards"] = prepare_download([str(root / "annotations" / train_file)], root / "shards", spec,
                                                 parse_count(subset) if subset else None, seed)
-        _emit(result, json_out, _render_annotated)
+        emit(result, json_out, _render_annotated)
 
     command.__doc__ = (f"Fetch (or find with --from) the {about} annotation files; with --shards, also download "
                        "its training images into webdataset shards for pretraining.")
@@ -165,7 +156,7 @@ def capfilt(
     shards: Annotated[list[str], typer.Argument(
         help="Input shards: .tar files, directories, globs or brace patterns.")],
     out: Annotated[Path, typer.Option(help="Output directory: one shard per input shard, same name.")],
-    recipe: Annotated[Optional[str], typer.Option(help="Recipe name or YAML path (default: prepare/capfilt).")] = None,
+    recipe: CapFiltRecipeOpt = None,
     set_: SetOpt = None,
     captioner: Annotated[Optional[str], typer.Option(help="Captioner: registry name, hub id or directory.")] = None,
     ranker: Annotated[Optional[str], typer.Option(help="CLIP ranker: registry name, hub id, directory or "
@@ -173,49 +164,19 @@ def capfilt(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per batch.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed (default: the recipe's).")] = None,
     device: DeviceOpt = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (fp16 on GPU), float32, bfloat16, float16.")] = "auto",
+    dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """Caption web images with CapFilt: BLIP samples captions, CLIP keeps the best two (with the web caption
     as a candidate). Sharded over ranks under torchrun; finished shards are skipped on a rerun."""
-    from ..api import quiet_transformers, resolve_device, resolve_dtype
-    from ..data.capfilt import CapFiltRecipe, list_shards, run_capfilt, summarize
-    from ..train import dist
-    from ..progress import progress
+    from ..data.capfilt import CapFiltRecipe, capfilt
 
     spec = _recipe(CapFiltRecipe, recipe or "prepare/capfilt", set_, captioner=captioner, ranker=ranker,
                    batch_size=batch_size, seed=seed)
-    inputs = list_shards(shards)
-    dev = resolve_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from ..train.loop import init_distributed
-
-        ranked = init_distributed(with_deepspeed=False)
-        dev = ranked if ranked.type == "cuda" else dev
-    out.mkdir(parents=True, exist_ok=True)
-    quiet_transformers()
-    mine = len(inputs[dist.rank()::dist.world_size()])
-    with progress("capfilt", mine) as advance:
-        results = run_capfilt(inputs, out, spec, dev, _capfilt_dtype(dtype, dev, resolve_dtype), dist.rank(),
-                              dist.world_size(), on_shard=lambda stats: (advance(1), _log_shard(stats)))
-    if dist.is_distributed():
-        import torch.distributed
-
-        torch.distributed.barrier()
-    if dist.rank() == 0:
-        _emit(summarize(out), json_out, _render_capfilt)
-    failed = [r for r in results if "error" in r]
-    if failed:
-        raise Blip2Error(f"{len(failed)} shard(s) could not be read and were skipped ({failed[0]['error']}); "
-                         "the others are done, and a rerun retries only these")
-
-
-def _capfilt_dtype(dtype: str, device, resolve):
-    import torch
-
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return resolve(dtype, device)
+    done = capfilt(shards, out, spec, device, dtype, on_shard=_log_shard)
+    if done.summary is not None:
+        emit(done.summary, json_out, _render_capfilt)
+    done.check()
 
 
 def _log_shard(stats: dict) -> None:

@@ -1,18 +1,17 @@
 """``blip2 prepare vqav2|okvqa|gqa|nocaps|flickr30k`` (and the annotation step of coco and vg): annotation files.
 
-Parsing and rendering only: the registry of files and the fetching live in ``blip2cli.data.annotations``.
+Parsing and rendering only: the registry of files and the fetching live in ``blip2cli.data.annotations``
+(imported inside the commands, so that ``blip2 --help`` does not load torch).
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .options import JsonOpt
+from .options import JsonOpt, emit
 
 AnnOutOpt = Annotated[Optional[Path], typer.Option(
     "--out", help="Directory for the files and MANIFEST.json (default: data/<dataset>/annotations).")]
@@ -25,24 +24,9 @@ FromOpt = Annotated[Optional[Path], typer.Option(
 def run_annotations(dataset: str, out: Path | None, splits: list[str] | None, source: Path | None,
                     json_out: bool) -> None:
     """Prepare the annotation files of ``dataset`` and report them (JSON on stdout, or a table and eval hints)."""
-    record = prepare_record(dataset, out, splits, source)
-    if json_out:
-        sys.stdout.write(json.dumps(record) + "\n")
-        sys.stdout.flush()
-    else:
-        render_record(record)
+    from ..data.annotations import prepare_record
 
-
-def prepare_record(dataset: str, out: Path | None, splits: list[str] | None, source: Path | None) -> dict:
-    """Prepare the files; what was done, as plain data: files (path, size, md5, action) and eval hints."""
-    from ..data.annotations import eval_hint, prepare_annotations
-
-    out = out if out is not None else Path("data") / dataset / "annotations"
-    prepared = prepare_annotations(dataset, out, splits=splits or None, source_dir=source)
-    files = [{"name": p.name, "path": str(p.path), "url": p.url, "size": p.size, "md5": p.md5, "split": p.split,
-              "role": p.role, "action": p.action} for p in prepared]
-    return {"dataset": dataset, "out": str(out), "files": files,
-            "eval": eval_hint(dataset, out, available={p.name for p in prepared})}
+    emit(prepare_record(dataset, out, splits, source), json_out, render_record)
 
 
 def render_record(record: dict) -> None:

@@ -6,39 +6,29 @@ the final name. ``MANIFEST.json`` in the output directory records what was prepa
 
 Environment:
 
-- ``BLIP2_ANNOTATIONS_MIRROR``: a URL prefix (``http://host:port`` or ``https://proxy/some/path``) that
-  replaces the scheme and host of every URL, keeping its path; for mirrors, caching proxies and tests.
+- ``BLIP2_MIRROR`` (or ``BLIP2_ANNOTATIONS_MIRROR``): a URL prefix that replaces the scheme and host of every
+  URL (``blip2cli.runtime.download``).
 - ``BLIP2_OFFLINE=1``, ``HF_HUB_OFFLINE=1`` or ``TRANSFORMERS_OFFLINE=1``: never download; files must already
   be in place or under ``--from``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import json
 import os
 import shlex
 import sys
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
 from collections.abc import Callable, Collection
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-from ..errors import Blip2Error
-from ..io import atomic_open
+from ..runtime.errors import Blip2Error
+from ..runtime.download import DownloadFailed, copy_hashing, effective_url, file_md5, offline, stream, url_name
+from ..runtime.io import atomic_open
 
 MANIFEST = "MANIFEST.json"
-MIRROR_ENV = "BLIP2_ANNOTATIONS_MIRROR"
-TIMEOUT_S = 60.0
-CHUNK = 1 << 20
-USER_AGENT = "blip2cli-annotations/0.1 (+python urllib)"
 
 _LAVIS = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/datasets"
 _SFR = "https://storage.googleapis.com/sfr-vision-language-research/datasets"
@@ -158,15 +148,6 @@ def annotation_files(dataset: str, splits: list[str] | None = None) -> list[Anno
     return [f for f in files if f.tags() & set(splits)]
 
 
-def effective_url(url: str) -> str:
-    """``url``, with its scheme and host replaced by ``$BLIP2_ANNOTATIONS_MIRROR`` when that is set."""
-    mirror = os.environ.get(MIRROR_ENV, "").strip()
-    if not mirror:
-        return url
-    parts = urllib.parse.urlsplit(url)
-    return mirror.rstrip("/") + parts.path + (f"?{parts.query}" if parts.query else "")
-
-
 def eval_hint(dataset: str, out_dir: Path, available: Collection[str] | None = None) -> list[str]:
     """``blip2 eval ...`` command lines that use the files of ``dataset`` in ``out_dir``.
 
@@ -200,6 +181,17 @@ def prepare_annotations(dataset: str, out_dir: Path, splits: list[str] | None = 
         else:
             _remove_empty(created)
     return prepared
+
+
+def prepare_record(dataset: str, out: Path | None, splits: list[str] | None, source: Path | None) -> dict:
+    """``prepare_annotations`` into ``out`` (default ``data/<dataset>/annotations``); what was done, as plain data:
+    files (path, size, md5, action) and the eval command lines that use them."""
+    out = out if out is not None else Path("data") / dataset / "annotations"
+    prepared = prepare_annotations(dataset, out, splits=splits or None, source_dir=source)
+    files = [{"name": p.name, "path": str(p.path), "url": p.url, "size": p.size, "md5": p.md5, "split": p.split,
+              "role": p.role, "action": p.action} for p in prepared]
+    return {"dataset": dataset, "out": str(out), "files": files,
+            "eval": eval_hint(dataset, out, available={p.name for p in prepared})}
 
 
 def _missing_dirs(path: Path) -> list[Path]:
@@ -240,15 +232,16 @@ def _prepare_one(entry: AnnotationFile, out_dir: Path, source_dir: Path | None, 
             digest = _extract(found, entry.member, target, check)
         else:
             with found.open("rb") as src, atomic_open(target) as dst:
-                digest = _copy(src, dst)[0]
+                digest = copy_hashing(src, dst)[0]
                 check(digest)
         return _result(entry, target, url, digest, "copied")
-    from ..models.hub import offline
-
     if offline():
         raise _unavailable(entry, url, out_dir,
                            "offline (BLIP2_OFFLINE, HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)")
-    return _result(entry, target, url, _fetch(entry, url, target, verify), "fetched")
+    try:
+        return _result(entry, target, url, _fetch(entry, url, target, verify), "fetched")
+    except DownloadFailed as e:
+        raise _unavailable(entry, url, out_dir, str(e)) from None
 
 
 def _checker(entry: AnnotationFile, verify: bool, advice: str) -> Callable[[str], None]:
@@ -264,18 +257,14 @@ def _result(entry: AnnotationFile, target: Path, url: str, digest: str, action: 
 
 
 def _unavailable(entry: AnnotationFile, url: str, out_dir: Path, reason: str) -> Blip2Error:
-    what = f"{_url_name(url)} (it holds {entry.member})" if entry.member else entry.name
+    what = f"{url_name(url)} (it holds {entry.member})" if entry.member else entry.name
     return Blip2Error(f"cannot get {entry.name}: {reason}; download {url} and put {what} in {out_dir} "
                       f"(or pass --from DIR, a directory holding it)")
 
 
-def _url_name(url: str) -> str:
-    return Path(urllib.parse.urlsplit(url).path).name
-
-
 def _locate(entry: AnnotationFile, source_dir: Path) -> Path | None:
     """The hand-downloaded file (or, for a member, its archive) under ``source_dir``, searched recursively."""
-    names = [entry.name] + ([_url_name(entry.url)] if entry.member else [])
+    names = [entry.name] + ([url_name(entry.url)] if entry.member else [])
     for name in names:
         matches = sorted(p for p in source_dir.rglob(name) if p.is_file())
         if matches:
@@ -283,68 +272,22 @@ def _locate(entry: AnnotationFile, source_dir: Path) -> Path | None:
     return None
 
 
-def file_md5(path: Path) -> str:
-    """The md5 hex digest of a file, read in chunks."""
-    with path.open("rb") as f:
-        return _copy(f, None)[0]
-
-
-def _copy(src: BinaryIO, dst: BinaryIO | None, advance: Callable[[int], None] | None = None) -> tuple[str, int]:
-    """Copy ``src`` to ``dst`` (if any) in chunks: the md5 hex digest and the size of what went through."""
-    digest, size = hashlib.md5(usedforsecurity=False), 0
-    for chunk in iter(lambda: src.read(CHUNK), b""):
-        if dst is not None:
-            dst.write(chunk)
-        digest.update(chunk)
-        size += len(chunk)
-        if advance is not None:
-            advance(len(chunk))
-    return digest.hexdigest(), size
-
-
 def _fetch(entry: AnnotationFile, url: str, target: Path, verify: bool) -> str:
     """Download ``url`` into ``target`` (through its archive when ``entry.member`` is set); the md5 of ``target``."""
     check = _checker(entry, verify, f"{url}: the downloaded file differs from the registered one")
     if not entry.member:
         with atomic_open(target) as f:
-            digest = _download(entry, url, target.parent, f)
+            digest = stream(url, f, entry.name)
             check(digest)
         return digest
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, archive = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".zip.part")
     try:
         with os.fdopen(fd, "wb") as f:
-            _download(entry, url, target.parent, f)
-        return _extract(Path(archive), entry.member, target, check, _url_name(url))
+            stream(url, f, entry.name)
+        return _extract(Path(archive), entry.member, target, check, url_name(url))
     finally:
         Path(archive).unlink(missing_ok=True)
-
-
-def _download(entry: AnnotationFile, url: str, out_dir: Path, out: BinaryIO) -> str:
-    """Stream ``url`` into ``out``; its md5. Any network failure is one ``Blip2Error`` saying where to get the file."""
-    from ..progress import progress
-
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            length = int(response.headers.get("Content-Length") or 0)
-            bar = progress(f"downloading {entry.name}", total=length) if length else nullcontext(None)
-            with bar as advance:
-                digest, received = _copy(response, out, advance)
-    except urllib.error.HTTPError as e:
-        raise _unavailable(entry, url, out_dir, f"HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        raise _unavailable(entry, url, out_dir, f"cannot reach the server ({_reason(e.reason)})") from None
-    except (OSError, http.client.HTTPException) as e:  # timeouts, resets, truncated responses, a full disk
-        raise _unavailable(entry, url, out_dir, f"download failed ({_reason(e)})") from None
-    if length and received != length:
-        raise _unavailable(entry, url, out_dir, f"download incomplete ({received} of {length} bytes)")
-    return digest
-
-
-def _reason(error: object) -> str:
-    text = str(error).strip().replace("\n", " ")
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _extract(archive: Path, member: str, target: Path, check: Callable[[str], None], label: str | None = None) -> str:
@@ -356,7 +299,7 @@ def _extract(archive: Path, member: str, target: Path, check: Callable[[str], No
             if not names:
                 raise Blip2Error(f"{label}: the archive holds no {member}")
             with zf.open(names[0]) as src, atomic_open(target) as dst:
-                digest = _copy(src, dst)[0]
+                digest = copy_hashing(src, dst)[0]
                 check(digest)
             return digest
     except (zipfile.BadZipFile, zipfile.LargeZipFile):

@@ -18,7 +18,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..errors import Blip2Error
+from ..runtime.errors import Blip2Error
+from ..runtime.io import read_json
 from ..images import ImageError, open_rgb
 from .text import pre_caption
 
@@ -34,12 +35,7 @@ Transform = Callable[[Image.Image], Any]
 
 def _read_annotations(path: Path) -> list[tuple[str, str | list[str], Any]]:
     """(image path, caption or captions, image id) per entry of a LAVIS list or a COCO captions file."""
-    if not path.is_file():
-        raise Blip2Error(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Blip2Error(f"{path}: not a JSON annotation file ({e})") from None
+    data = read_json(path, "annotation file")
     if isinstance(data, list):
         entries = []
         for i, item in enumerate(data):
@@ -273,7 +269,8 @@ def webdataset_samples(
 
     ``urls``: shard paths, brace patterns, or a directory of ``.tar`` files. Shard ``i`` goes to rank
     ``i % world_size``; a rank's shards are shuffled per epoch (``set_epoch``) and split across
-    DataLoader workers, then samples pass a seeded shuffle buffer of ``shuffle`` (1 or 0: none). When the
+    DataLoader workers, then samples pass a seeded shuffle buffer of ``shuffle`` (1 or 0: none; pretraining
+    passes its recipe's ``data.shuffle_buffer``). When the
     json has a CapFilt ``"captions"`` list, one of its texts is drawn per visit, seeded by (seed, epoch,
     key); otherwise the ``txt`` member (or json ``"caption"``) is the caption. Samples with no decodable
     image or no caption are skipped and counted in ``stats["skipped"]`` (``stats["seen"]`` counts all,

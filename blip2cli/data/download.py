@@ -27,25 +27,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import Blip2Error
+from ..runtime.errors import Blip2Error
 from ..images import MAX_PIXELS
-from ..io import atomic_write_text
+from ..runtime.io import atomic_write_text, read_json
 
 INPUT_FORMATS = ("parquet", "csv", "tsv", "json")
+URL, CAPTION = "url", "caption"  # the columns of the normalised URL list that img2dataset reads
 _SUFFIXES = {"parquet": (".parquet",), "csv": (".csv", ".csv.gz"), "tsv": (".tsv", ".tsv.gz"), "json": (".json",)}
 
 
 @dataclass
 class DownloadRecipe:
-    """How one source's metadata reads and how its images are stored (``recipes/prepare/*.yaml``)."""
+    """How one source's metadata reads and how its images are stored (``recipes/prepare/*.yaml``).
 
-    input_format: str = "parquet"  # parquet | csv | tsv | json (a LAVIS list of {image, caption})
-    header: bool = True  # csv/tsv: the first row names the columns
+    A field left unset (``None``) is img2dataset's own default, or, for the columns and the header, what the list
+    needs to name nothing: columns already called ``url`` and ``caption``, a header row unless ``columns`` names them.
+    """
+
+    input_format: str | None = None  # parquet | csv | tsv | json (a LAVIS list of {image, caption})
+    header: bool | None = None  # csv/tsv: the first row names the columns (unset: unless `columns` names them)
     columns: list[str] = field(default_factory=list)  # csv/tsv without a header: the column names
-    url_col: str = "url"
-    caption_col: str = "caption"
+    url_col: str | None = None  # the URL column (unset: url)
+    caption_col: str | None = None  # the caption column (unset: caption)
     extra_columns: list[str] = field(default_factory=list)  # copied into each sample's json
-    image_size: int = 256
+    image_size: int | None = None  # pixels (img2dataset's resize target)
     resize_mode: str = "keep_ratio"  # img2dataset: no | border | keep_ratio | keep_ratio_largest | center_crop
     resize_only_if_bigger: bool = True
     encode_format: str = "jpg"
@@ -56,8 +61,8 @@ class DownloadRecipe:
     samples_per_shard: int = 10000
     timeout: int = 10  # seconds per request
     retries: int = 0
-    processes: int = 16
-    threads: int = 64
+    processes: int | None = None  # download processes
+    threads: int | None = None  # download threads per process
     distributor: str = "multiprocessing"  # multiprocessing (one node) | pyspark | ray (many nodes)
     images: str = ""  # json input: where image paths are relative to (a URL prefix or a local directory)
     # without --input: the directory the metadata is read from, and where to get it (said when it is empty)
@@ -70,8 +75,25 @@ class DownloadRecipe:
     def check(self) -> None:
         if self.input_format not in INPUT_FORMATS:
             raise Blip2Error(f"input_format {self.input_format!r}: expected one of {', '.join(INPUT_FORMATS)}")
-        if self.input_format in ("csv", "tsv") and not self.header and not self.columns:
+        if self.input_format in ("csv", "tsv") and not self.has_header() and not self.columns:
             raise Blip2Error(f"a {self.input_format} without a header needs `columns` (the column names)")
+
+    def has_header(self) -> bool:
+        """Whether a csv/tsv list's first row names its columns."""
+        return self.header if self.header is not None else not self.columns
+
+    @property
+    def url_column(self) -> str:
+        return self.url_col or URL
+
+    @property
+    def caption_column(self) -> str:
+        return self.caption_col or CAPTION
+
+    def img2dataset_options(self) -> dict[str, Any]:
+        """What the recipe sets of img2dataset's sizes and workers (the rest is img2dataset's default)."""
+        chosen = {"image_size": self.image_size, "processes_count": self.processes, "thread_count": self.threads}
+        return {k: v for k, v in chosen.items() if v is not None}
 
 
 # --- the URL list ----------------------------------------------------------------------------------
@@ -91,6 +113,7 @@ def parse_count(text: str) -> int:
 
 def default_input(source: str, recipe: DownloadRecipe) -> list[str]:
     """Without ``--input``: the recipe's metadata directory, which must hold files of its format."""
+    recipe.check()
     if not recipe.metadata_dir:
         raise Blip2Error(f"prepare {source}: give --input, the dataset's URL and caption list")
     where = Path(recipe.metadata_dir)
@@ -125,7 +148,7 @@ def _read_table(path: Path, recipe: DownloadRecipe):
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    wanted = [recipe.url_col, recipe.caption_col, *_kept_columns(recipe)]
+    wanted = [recipe.url_column, recipe.caption_column, *_kept_columns(recipe)]
     try:
         if recipe.input_format == "json":
             table = _caption_list_table(path, recipe)
@@ -135,7 +158,7 @@ def _read_table(path: Path, recipe: DownloadRecipe):
             _check_columns(path, recipe, present)
             table = pq.read_table(path, columns=[c for c in wanted if c in present])
         else:
-            read = pacsv.ReadOptions(column_names=None if recipe.header else recipe.columns)
+            read = pacsv.ReadOptions(column_names=None if recipe.has_header() else recipe.columns)
             parse = pacsv.ParseOptions(delimiter="\t" if recipe.input_format == "tsv" else ",",
                                        quote_char=False if recipe.input_format == "tsv" else '"',
                                        newlines_in_values=False)
@@ -147,13 +170,13 @@ def _read_table(path: Path, recipe: DownloadRecipe):
             table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
     except (OSError, pa.ArrowInvalid, ValueError) as e:
         raise Blip2Error(f"{path}: cannot read it as {recipe.input_format} ({str(e).splitlines()[0]})") from None
-    names = {recipe.url_col: "url", recipe.caption_col: "caption"}
+    names = {recipe.url_column: URL, recipe.caption_column: CAPTION}
     table = table.select([c for c in wanted if c in table.column_names])
     return table.rename_columns([names.get(c, c) for c in table.column_names])
 
 
 def _check_columns(path: Path, recipe: DownloadRecipe, present: list[str]) -> None:
-    missing = [c for c in (recipe.url_col, recipe.caption_col) if c not in present]
+    missing = [c for c in (recipe.url_column, recipe.caption_column) if c not in present]
     if missing:
         raise Blip2Error(f"{path}: no column {missing[0]!r} (columns: {', '.join(present)}); "
                          "set url_col/caption_col with --set")
@@ -169,10 +192,7 @@ def _caption_list_table(path: Path, recipe: DownloadRecipe):
     first caption in ``caption``, all of them in ``captions`` (the pretraining loader draws one per visit)."""
     import pyarrow as pa
 
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Blip2Error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    data = read_json(path)
     if not isinstance(data, list) or not all(isinstance(d, dict) and "image" in d and "caption" in d for d in data):
         raise Blip2Error(f"{path}: expected a list of {{image, caption}}")
     captions: dict[str, list[str]] = {}
@@ -186,8 +206,8 @@ def _caption_list_table(path: Path, recipe: DownloadRecipe):
         root = Path(root).expanduser().resolve().as_uri()
     images = list(captions)
     return pa.table({
-        recipe.url_col: [f"{root}/{image}" for image in images],
-        recipe.caption_col: [captions[image][0] for image in images],
+        recipe.url_column: [f"{root}/{image}" for image in images],
+        recipe.caption_column: [captions[image][0] for image in images],
         "image": images,
         "captions": [[{"text": t} for t in captions[image]] for image in images],
     })
@@ -215,7 +235,7 @@ def write_url_list(inputs: list[Path], recipe: DownloadRecipe, work: Path, subse
     target = work / "_prepare" / "input"
     stamp_path = work / "_prepare" / "input.json"
     stamp = {"inputs": [str(p.resolve()) for p in inputs], "subset": subset, "seed": seed,
-             "columns": [recipe.url_col, recipe.caption_col, *recipe.extra_columns], "images": recipe.images}
+             "columns": [recipe.url_column, recipe.caption_column, *recipe.extra_columns], "images": recipe.images}
     if stamp_path.exists():
         done = json.loads(stamp_path.read_text())
         if {k: done.get(k) for k in stamp} != stamp:
@@ -270,15 +290,15 @@ def download(work: Path, recipe: DownloadRecipe) -> None:
     extras = _kept_columns(recipe)
     with _stdout_to_stderr():
         img2dataset_download(
-            url_list=str(work / "_prepare" / "input"), input_format="parquet", url_col="url",
-            caption_col="caption", save_additional_columns=extras or None, output_format="webdataset",
-            output_folder=str(work), image_size=recipe.image_size, resize_mode=recipe.resize_mode,
+            url_list=str(work / "_prepare" / "input"), input_format="parquet", url_col=URL,
+            caption_col=CAPTION, save_additional_columns=extras or None, output_format="webdataset",
+            output_folder=str(work), resize_mode=recipe.resize_mode,
             resize_only_if_bigger=recipe.resize_only_if_bigger, encode_format=recipe.encode_format,
             encode_quality=recipe.encode_quality, min_image_size=recipe.min_image_size,
             max_image_area=recipe.max_image_area, max_aspect_ratio=recipe.max_aspect_ratio,
             number_sample_per_shard=recipe.samples_per_shard, timeout=recipe.timeout, retries=recipe.retries,
-            processes_count=recipe.processes, thread_count=recipe.threads, distributor=recipe.distributor,
-            incremental_mode="incremental", enable_wandb=False,
+            distributor=recipe.distributor, incremental_mode="incremental", enable_wandb=False,
+            **recipe.img2dataset_options(),
         )
 
 

@@ -16,8 +16,8 @@ from typing import Any
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-COLOURS = ("red", "green", "blue", "yellow")
-SHAPES = ("circle", "square", "triangle")
+from ..models.tiny import COLOURS, SHAPES
+
 SPLITS = ("train", "heldout")
 
 RGB = {"red": (215, 35, 35), "green": (35, 175, 45), "blue": (40, 60, 215), "yellow": (230, 205, 35)}

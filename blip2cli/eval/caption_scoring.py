@@ -21,7 +21,7 @@ from collections.abc import Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import Blip2Error
+from ..runtime.errors import Blip2Error
 
 BLEU = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
 METRICS = (*BLEU, "METEOR", "ROUGE_L", "CIDEr", "SPICE")

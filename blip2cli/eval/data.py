@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ..errors import Blip2Error
+from ..runtime.errors import Blip2Error
+from ..runtime.io import read_json
 from .runner import Item
 
 COCO_FILE = "COCO_{split}_{id:012d}.jpg"
@@ -17,7 +16,7 @@ COCO_FILE = "COCO_{split}_{id:012d}.jpg"
 
 @dataclass
 class ZeroShot:
-    """The paper's protocol for one benchmark (``zero_shot`` in ``blip2cli/recipes/eval/*.yaml``): the model
+    """The paper's protocol for one benchmark (``zero_shot`` in ``recipes/eval/*.yaml``): the model
     of its table, the annotation files ``blip2 prepare`` writes, and the image root."""
 
     model: str = ""
@@ -38,16 +37,6 @@ class ZeroShot:
 
     def image_hint(self) -> str:
         return f"{self.images_source} (or give --images DIR)"
-
-
-def read_json(path: Path, what: str, where_to_get: str = "") -> Any:
-    if not path.is_file():
-        hint = f"; {where_to_get}" if where_to_get else ""
-        raise Blip2Error(f"{what} not found: {path}{hint}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Blip2Error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
 
 
 def check_image_root(root: Path, hint: str = "check --images") -> None:
@@ -83,7 +72,7 @@ def _image(root: Path, name: str) -> Path:
 def vqa_items(questions: Path, image_root: Path, coco_split: str = "val2014") -> list[Item]:
     """VQA questions: the official ``{"questions": [{image_id, question, question_id}]}`` file (COCO
     file names under ``image_root``/``coco_split``) or a LAVIS list ``[{image, question, question_id}]``."""
-    data = read_json(questions, "questions file", "the official VQA files are at visualqa.org/download.html")
+    data = read_json(questions, "questions file", hint="the official VQA files are at visualqa.org/download.html")
     if isinstance(data, dict) and "questions" in data:
         return [Item(q["question_id"], _image(image_root, f"{coco_split}/" + COCO_FILE.format(split=coco_split,
                                                                                           id=q["image_id"])),
@@ -97,7 +86,7 @@ def vqa_items(questions: Path, image_root: Path, coco_split: str = "val2014") ->
 
 def gqa_items(questions: Path, image_root: Path) -> list[Item]:
     """GQA questions: the official ``{id: {imageId, question, answer}}`` file or a LAVIS list."""
-    data = read_json(questions, "GQA questions file", "download testdev_balanced_questions.json from the GQA site")
+    data = read_json(questions, "GQA questions file", hint="download testdev_balanced_questions.json from the GQA site")
     if isinstance(data, dict):
         return [Item(qid, _image(image_root, f"{q['imageId']}.jpg"), q["question"]) for qid, q in data.items()]
     if isinstance(data, list):

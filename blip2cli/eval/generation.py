@@ -3,35 +3,56 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import Blip2Error
+from ..config import checked, load_recipe
+from ..models.decoding import Decoding, flat_key, holds_decoding
+from ..runtime.errors import Blip2Error
 from .data import ZeroShot
 from .runner import Item, run_sharded
 
+# What of the decoding shapes a benchmark's predictions, as its provenance records it (the names and order of the
+# flat recipes of old, so that runs made before ``decoding:`` still continue).
+PROVENANCE = ("prompt", "num_beams", "max_new_tokens", "min_new_tokens", "length_penalty",
+              "decoder_only_length_penalty", "repetition_penalty")
 
+
+@holds_decoding
 @dataclass
 class GenerationEval:
-    """Prompt and decoding of a benchmark, and its zero-shot protocol (``blip2cli/recipes/eval/*.yaml``)."""
+    """Prompt and decoding of a benchmark, and its zero-shot protocol (``recipes/eval/*.yaml``).
 
-    prompt: str | None = None  # with "{}" for the question; None: the model's own prompt
-    num_beams: int = 5
-    max_new_tokens: int = 10
-    min_new_tokens: int = 1
-    length_penalty: float = 1.0  # encoder-decoder LLMs
-    decoder_only_length_penalty: float = 1.0  # decoder-only LLMs (LAVIS uses other defaults for OPT)
-    repetition_penalty: float = 1.0
-    batch_size: int = 16
+    ``generation`` names the generation recipe (``recipes/generate/<name>.yaml``) whose decoding the benchmark
+    uses, as the VQA benchmarks name ``vqa``; ``decoding`` holds settings of the benchmark's own, put over it. What
+    neither sets is the model's (its generation recipe): a prompt left unset is the model's own prompt.
+    """
+
+    batch_size: int = checked(ge=1)
+    generation: str | None = None
+    decoding: Decoding = field(default_factory=Decoding)
     lemmatize: bool = False  # OK-VQA: lemmatise answers before scoring (LAVIS, spaCy en_core_web_sm)
     zero_shot: ZeroShot = field(default_factory=ZeroShot)
+    # the flat keys of recipes written before ``decoding:`` (and ``--set num_beams=2``): fields of ``decoding``
+    prompt: str | None = flat_key()
+    num_beams: int | None = flat_key()
+    max_new_tokens: int | None = flat_key()
+    min_new_tokens: int | None = flat_key()
+    length_penalty: float | None = flat_key()
+    decoder_only_length_penalty: float | None = flat_key()
+    repetition_penalty: float | None = flat_key()
+
+    def __post_init__(self) -> None:
+        if self.generation:
+            self.decoding = self.decoding.over(load_recipe(Decoding, f"generate/{self.generation}"))
 
     def provenance(self) -> dict[str, Any]:
         """What of these settings shapes the predictions: the prompt and decoding (not the batch size, the
         scorer's lemmatiser or the zero-shot protocol's files, which the provenance records otherwise)."""
-        return {name: value for name, value in asdict(self).items()
-                if name not in ("batch_size", "lemmatize", "zero_shot")}
+        recorded = {name: getattr(self.decoding, name) for name in PROVENANCE}
+        unused = () if self.decoding.sample else ("top_p", "top_k")  # nucleus settings shape only sampling
+        return {**recorded, **{k: v for k, v in self.decoding.given().items() if k not in PROVENANCE + unused}}
 
 
 class _Images:
@@ -65,17 +86,13 @@ def predict(model, items: list[Item], settings: GenerationEval, out: Path, key: 
     With ``on_skip``, an unreadable image is passed to it as ``PATH: reason`` (once) and its items get no
     prediction; without, it is an error.
     """
-    from ..progress import progress
-    from ..train import dist
+    from ..runtime.progress import progress
+    from ..runtime import dist
 
     if not model.can_generate:
         raise Blip2Error(f"{model.checkpoint.source} cannot generate text: VQA and captioning need a model with an LLM")
-    decoder_only = not model.net.language_model.is_encoder_decoder
-    template = settings.prompt if settings.prompt is not None else model.defaults.prompt
-    decoding: dict[str, Any] = dict(
-        num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
-        repetition_penalty=settings.repetition_penalty,
-        length_penalty=settings.decoder_only_length_penalty if decoder_only else settings.length_penalty)
+    template = settings.decoding.prompt if settings.decoding.prompt is not None else model.defaults.prompt or ""
+    decoding = {k: v for k, v in settings.decoding.given().items() if k != "prompt"}  # over the model's recipe
     images = _Images(on_skip)
 
     def run(batch: list[Item]) -> list[str | None]:

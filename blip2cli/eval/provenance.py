@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import Blip2Error
-from ..io import atomic_write_text
+from ..runtime.errors import Blip2Error
+from ..runtime.io import atomic_write_text
 
 FILE = "provenance.json"
 FORMAT = "blip2-eval-provenance"
@@ -36,20 +36,23 @@ _LABEL = re.compile(r"[^A-Za-z0-9._-]+")
 
 def identify(name: str, llm: str | None = None) -> tuple[str, dict[str, Any]]:
     """A label for run names and the identity of the model ``name`` designates (resolved as loading does)."""
-    from ..models import hub, registry
+    from ..models import registry
+    from ..models.resolve import blip2_entry, resolve_path
+    from ..models.hub import is_hub_id
+    from ..runtime.download import cached_download
 
     path = Path(name).expanduser()
     if path.exists() or path.is_symlink():
-        label, identity = _local(hub.resolve_path(path))
+        label, identity = _local(resolve_path(path))
         if identity["source"].endswith((".pth", ".pt", ".bin")):
             identity["llm"] = _llm(llm)
         return label, identity
-    entry = hub.blip2_entry(name)
+    entry = blip2_entry(name)
     if entry is not None and entry.source.startswith("lavis:"):
-        file = hub.download_url(entry.where).resolve()
+        file = cached_download(entry.where).resolve()
         return entry.name, {"source": str(file), **_weights(file), "llm": _llm(llm or entry.llm)}
     repo = entry.where if entry is not None else name
-    if entry is None and not hub.is_hub_id(name):
+    if entry is None and not is_hub_id(name):
         raise registry.unknown_name(name)
     known = entry or registry.by_repo(repo)
     return (known.name if known is not None else repo.replace("/", "--")), _hub(repo)
@@ -57,12 +60,12 @@ def identify(name: str, llm: str | None = None) -> tuple[str, dict[str, Any]]:
 
 def _local(target: Path) -> tuple[str, dict[str, Any]]:
     """A local checkpoint (already resolved through any run directory or ``latest``)."""
-    from ..models import checkpoints
+    from ..models.formats.native import FORMAT_FILE, is_ours
 
     real = target.resolve()
     identity: dict[str, Any] = {"source": str(real), **_weights(real)}
-    if real.is_dir() and checkpoints.is_ours(real):
-        frozen = _frozen_sources(real / checkpoints.FORMAT_FILE)
+    if real.is_dir() and is_ours(real):
+        frozen = _frozen_sources(real / FORMAT_FILE)
         if frozen:
             identity["frozen"] = frozen
     return _label(real), identity
@@ -70,7 +73,7 @@ def _local(target: Path) -> tuple[str, dict[str, Any]]:
 
 def _label(real: Path) -> str:
     """``<run>-step-NNNNNN`` for a training checkpoint, else the directory name or the file's stem."""
-    from ..train.rundir import step_of
+    from ..runtime.rundir import step_of
 
     if step_of(real) is not None:
         text = f"{real.parent.name}-{real.name}"
@@ -124,7 +127,7 @@ def _weights(real: Path) -> dict[str, str]:
 def _model_files(root: Path) -> list[Path]:
     """The files of a model directory: its own and its tokenizers' (not a training checkpoint's trainer state).
     A directory that is no model has none: loading it is refused, and it may be large."""
-    from ..models.checkpoints import FORMAT_FILE
+    from ..models.formats.native import FORMAT_FILE
 
     if not ((root / FORMAT_FILE).is_file() or (root / "config.json").is_file()):
         return []
@@ -152,8 +155,8 @@ def _digest(value: Any) -> str:
 def record(benchmark: str, identity: dict[str, Any], dtype: str, settings: dict[str, Any],
            inputs: dict[str, Path | None]) -> dict[str, Any]:
     """The provenance of a run: ``made_by`` (compared on a rerun) and, for people, the command and version."""
-    from .. import __version__
-    from ..train.rundir import command_line
+    from ..runtime import __version__
+    from ..runtime.rundir import command_line
 
     made_by = {"benchmark": benchmark, "model": identity, "dtype": dtype, "settings": settings,
                "inputs": {option: _input(path) for option, path in inputs.items() if path is not None}}

@@ -10,22 +10,31 @@ images. (LAVIS keeps every image's ViT tokens, about 19 GB for the 5k COCO test 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from ..io import atomic_path
-from ..train import dist
+from ..config import checked, load_recipe
+from ..models.qformer_text import qformer_text
+from ..runtime.io import atomic_path
+from ..runtime import dist
 from .data import ZeroShot
+
+# The recipe whose numbers serve a caller that gives no settings: LAVIS's retrieval protocol, which every retrieval
+# recipe shares (the text length, the batches; k too in the paper's two benchmarks).
+PROTOCOL = "eval/flickr30k"
 
 
 @dataclass
 class RetrievalEval:
-    """A retrieval benchmark's settings and zero-shot protocol (``blip2cli/recipes/eval/<benchmark>.yaml``)."""
+    """A retrieval benchmark's settings and zero-shot protocol (``recipes/eval/<benchmark>.yaml``)."""
 
-    k: int = 128  # candidates re-ranked by ITM per image and per text
-    batch_size: int = 32  # images per ViT pass
+    k: int = checked(ge=1)  # candidates re-ranked by ITM per image and per text
+    batch_size: int = checked(ge=1)  # images per ViT pass
+    text_batch: int = checked(ge=1)  # texts per Q-Former pass (their ITC features)
+    itm_batch: int = checked(ge=1)  # image-text pairs per ITM pass
+    max_txt_len: int = checked(ge=1)  # text tokens read, [CLS] and [SEP] included
     zero_shot: ZeroShot = field(default_factory=ZeroShot)
 
 
@@ -60,19 +69,26 @@ def _save(obj: dict, path: Path) -> None:
 
 
 @torch.inference_mode()
-def retrieval_scores(model, images: Sequence[str | Path], texts: Sequence[str], k: int = 128,
-                     batch_size: int = 32, text_batch: int = 256, max_length: int = 35,
-                     itm_batch: int = 128, work_dir: Path | None = None) -> RetrievalScores:
+def retrieval_scores(model, images: Sequence[str | Path], texts: Sequence[str], k: int | None = None,
+                     batch_size: int | None = None, text_batch: int | None = None, max_length: int | None = None,
+                     itm_batch: int | None = None, work_dir: Path | None = None,
+                     settings: RetrievalEval | None = None) -> RetrievalScores:
     """Re-ranked top-k lists in both directions; images are split over the ranks of a process group.
 
-    With ``work_dir``, the ITC top-k lists and each finished batch of ITM scores are kept there, so a
+    The numbers are ``settings``' (a benchmark's recipe; without it, the protocol's recipe ``PROTOCOL``), each of
+    ``k``, ``batch_size``, ``text_batch``, ``max_length`` (``max_txt_len``) and ``itm_batch`` given replacing
+    its own. With ``work_dir``, the ITC top-k lists and each finished batch of ITM scores are kept there, so a
     killed run continues without recomputing them.
     """
+    given = {"k": k, "batch_size": batch_size, "text_batch": text_batch, "max_txt_len": max_length,
+             "itm_batch": itm_batch}
+    spec = replace(settings or load_recipe(RetrievalEval, PROTOCOL),
+                   **{name: value for name, value in given.items() if value is not None})
+    k, batch_size, text_batch, itm_batch = spec.k, spec.batch_size, spec.text_batch, spec.itm_batch
     net = model._stage1()
-    tok = model.checkpoint.qformer_tokenizer
     k_t, k_i = min(k, len(texts)), min(k, len(images))
-    enc = tok(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    ids, mask = enc.input_ids.to(model.device), enc.attention_mask.to(model.device)
+    ids, mask = qformer_text(model.checkpoint.qformer_tokenizer, texts, spec.max_txt_len, model.device,
+                             pad_to_max=True)
     text_feats = torch.cat([net.text_features(ids[s:s + text_batch], mask[s:s + text_batch])
                             for s in range(0, len(texts), text_batch)])
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write_text
-from ..train import dist
+from ..runtime.io import atomic_write_text
+from ..runtime import dist
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ..errors import Blip2Error
+from ..runtime.errors import Blip2Error
 
 # The official lists and maps (data, not code).
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",

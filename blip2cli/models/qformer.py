@@ -41,6 +41,9 @@ class QFormerConfig:
     dropout: float = 0.1
     attention_dropout: float = 0.1
     pad_token_id: int = 0
+    # The most text tokens ([CLS] and [SEP] included) the Q-Former reads: the length its text side was trained
+    # with (BLIP-2's 32; a stage-1 run stores its recipe's stage1.max_txt_len). See ``qformer_text``.
+    max_txt_len: int = 32
     # The text side (word/position embeddings and text FFNs); stage-2 checkpoints drop it.
     has_text: bool = True
     # The ITG language-model head, tied to the word embeddings; needs ``has_text``.

@@ -1,7 +1,7 @@
 """The names users type, and where each model's weights come from.
 
 Decoding defaults and prompts are not here: each entry names a generation recipe
-(``blip2cli/recipes/generate/*.yaml``) that holds them.
+(``recipes/generate/*.yaml``) that holds them.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from ..errors import Blip2Error
+from ..runtime.errors import Blip2Error
 
 LAVIS_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/"
 

@@ -11,12 +11,17 @@ import os
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-WORDS = ["a", "an", "the", "of", "photo", "picture", "red", "green", "blue", "yellow", "circle", "square",
-         "triangle", "question", "what", "colour", "shape", "is", "it", "this", "answer", "short", "?", ":"]
+# The tiny world: the colours and shapes the synthetic images show (``blip2cli.data.synthetic``) and every
+# word their captions and questions use.
+COLOURS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle")
+WORDS = ["a", "an", "the", "of", "photo", "picture", *COLOURS, *SHAPES, "question", "what", "colour", "shape", "is",
+         "it", "this", "answer", "short", "?", ":"]
 
 
 def _word_level(specials: list[str], template: str | None, extra: list[str] = ()):
@@ -61,8 +66,6 @@ def _lm_sample(captions: list[str], rng: random.Random) -> tuple[str, str]:
     The context teaches positions beyond a short caption and, as pretraining teaches a real LLM, to draw
     on what came before: what stage 2 needs from a frozen LLM reading a visual prompt.
     """
-    from ..data.synthetic import COLOURS, SHAPES
-
     filler = [w for w in WORDS if w not in COLOURS + SHAPES]
     caption = rng.choice(captions)
     context = [rng.choice(filler) for _ in range(rng.randint(0, 10))]
@@ -71,23 +74,51 @@ def _lm_sample(captions: list[str], rng: random.Random) -> tuple[str, str]:
     return " ".join(context), caption + "\n"
 
 
-def pretrain_llm(captions: list[str], out: Path, steps: int = 1000, seed: int = 0) -> Path:
-    """Train a 2-layer OPT to write ``captions`` (ending in a newline) after a context; save it with its
-    tokenizer. The loss covers the caption only."""
+@dataclass
+class TinyLLM:
+    """The small OPT of the tiny stage-2 recipe (``model.tiny_llm`` in ``recipes/tiny/stage2.yaml``): its shape and
+    how long it is pretrained on the captions."""
+
+    hidden_size: int
+    ffn_dim: int
+    num_layers: int
+    num_heads: int
+    max_position_embeddings: int
+    steps: int  # AdamW steps
+    batch_size: int  # samples per step
+    lr: float
+
+
+def shipped_tiny_llm() -> TinyLLM:
+    """The tiny LLM of the shipped recipe ``tiny/stage2``."""
+    from ..config import from_dict, read_yaml, recipe_path
+
+    return from_dict(TinyLLM, read_yaml(recipe_path("tiny/stage2"))["model"]["tiny_llm"], "tiny/stage2.model.tiny_llm")
+
+
+def pretrain_llm(captions: list[str], out: Path, settings: TinyLLM | None = None, seed: int = 0,
+                 steps: int | None = None) -> Path:
+    """Train a small OPT to write ``captions`` (ending in a newline) after a context; save it with its
+    tokenizer. The loss covers the caption only. ``settings``: its shape and training (default: the shipped tiny
+    recipe's); ``steps`` replaces theirs."""
     from transformers import OPTConfig, OPTForCausalLM
 
+    s = settings or shipped_tiny_llm()
+    if steps is not None:
+        s = replace(s, steps=steps)
     tok = llm_tokenizer()
     newline = tok.convert_tokens_to_ids("\n")
-    config = OPTConfig(vocab_size=len(tok), hidden_size=64, word_embed_proj_dim=64, ffn_dim=128,
-                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, bos_token_id=2,
-                       eos_token_id=newline, pad_token_id=1, dropout=0.0)
+    config = OPTConfig(vocab_size=len(tok), hidden_size=s.hidden_size, word_embed_proj_dim=s.hidden_size,
+                       ffn_dim=s.ffn_dim, num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
+                       max_position_embeddings=s.max_position_embeddings, bos_token_id=2, eos_token_id=newline,
+                       pad_token_id=1, dropout=0.0)
     torch.manual_seed(seed)
     model = OPTForCausalLM(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr)
     rng = random.Random(seed)
     tok.padding_side = "right"
-    for _ in range(steps):
-        samples = [_lm_sample(captions, rng) for _ in range(32)]
+    for _ in range(s.steps):
+        samples = [_lm_sample(captions, rng) for _ in range(s.batch_size)]
         enc = tok([f"{c} {t}".lstrip() for c, t in samples], return_tensors="pt", padding=True)
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
         for i, (context, _) in enumerate(samples):

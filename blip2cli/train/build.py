@@ -8,16 +8,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import Blip2Error
-from ..models import checkpoints, keymaps, lavis, registry, tiny
+from ..runtime.errors import Blip2Error
+from ..models import keymaps, tiny
+from ..models.assemble import Checkpoint
+from ..models.components import TOWERS, load_llm, load_qformer_tokenizer, registry_tower_raw, tower_state
+from ..models.hub import local_dir_for
+from ..models.weights import few_keys, read_safetensors_dir
 from ..models.blip2 import Blip2Config, Blip2ImageToText, Blip2Stage1
 from ..models.llm import build_language_model
 from ..models.vision import VisionConfig
-from . import dist
+from ..runtime import dist
+from ..runtime.devices import dtype_of
 from .recipe import PretrainRecipe
 from .tasks import Stage1Task, Stage2Task
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _tower(recipe: PretrainRecipe) -> tuple[VisionConfig, dict[str, torch.Tensor] | None]:
@@ -25,30 +29,25 @@ def _tower(recipe: PretrainRecipe) -> tuple[VisionConfig, dict[str, torch.Tensor
     m = recipe.model
     if isinstance(m.vision, VisionConfig):
         return replace(m.vision, image_size=m.image_size), None
-    if m.vision not in lavis.TOWERS:
-        raise Blip2Error(f"model.vision {m.vision!r}: expected {', '.join(lavis.TOWERS)} or an inline tower config")
-    from ..models.hub import download_url
-
-    cfg = replace(lavis.TOWERS[m.vision], image_size=m.image_size)
-    raw = lavis.read_pth(download_url(registry.REGISTRY[m.vision].where))
-    return cfg, lavis.tower_state(raw, cfg, m.vision)
+    if m.vision not in TOWERS:
+        raise Blip2Error(f"model.vision {m.vision!r}: expected {', '.join(TOWERS)} or an inline tower config")
+    cfg = replace(TOWERS[m.vision], image_size=m.image_size)
+    return cfg, tower_state(registry_tower_raw(m.vision), cfg, m.vision)
 
 
 def qformer_tokenizer(name: str):
-    return tiny.qformer_tokenizer() if name == "tiny" else lavis._qformer_tokenizer(name)
+    return tiny.qformer_tokenizer() if name == "tiny" else load_qformer_tokenizer(name)
 
 
 def bert_init(name: str, vocab_size: int) -> dict[str, torch.Tensor]:
     """BERT weights under our Q-Former names; each query FFN starts as a copy of its text FFN (LAVIS)."""
-    from ..models.hub import local_dir_for
-
-    raw = checkpoints.read_safetensors_dir(local_dir_for(name))
+    raw = read_safetensors_dir(local_dir_for(name))
     unused = ("pooler.", "seq_relationship.", "token_type_embeddings.", "position_ids")  # BLIP-2 has none of these
     raw = {_modern_norm_names("Qformer." + k if k.startswith(("bert.", "cls.")) else "Qformer.bert." + k): v
            for k, v in raw.items() if not any(u in k for u in unused)}
     state, unknown = keymaps.translate(raw, keymaps.lavis_keys(None).to_ours, skip=keymaps.LAVIS_REDUNDANT)
     if unknown:
-        raise Blip2Error(f"--qformer_init {name}: unexpected BERT keys {checkpoints._few(sorted(unknown))}")
+        raise Blip2Error(f"--qformer_init {name}: unexpected BERT keys {few_keys(sorted(unknown))}")
     for key in [k for k in state if ".text_ffn." in k]:
         state[key.replace(".text_ffn.", ".query_ffn.")] = state[key].clone()
     for key in ("qformer.embeddings.word.weight", "qformer.lm_head.decoder.bias"):
@@ -70,8 +69,8 @@ def _load_partial(net: nn.Module, state: dict[str, torch.Tensor], what: str, may
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(may_miss) and k != "qformer.lm_head.decoder.weight"]
     if unexpected or missing:
-        raise Blip2Error(f"{what}: unexpected keys {checkpoints._few(sorted(unexpected))}; "
-                         f"missing keys {checkpoints._few(sorted(missing))}")
+        raise Blip2Error(f"{what}: unexpected keys {few_keys(sorted(unexpected))}; "
+                         f"missing keys {few_keys(sorted(missing))}")
 
 
 def freeze(modules: list[nn.Module], dtype: torch.dtype) -> None:
@@ -81,11 +80,12 @@ def freeze(modules: list[nn.Module], dtype: torch.dtype) -> None:
         m.eval()
 
 
-def build_stage1(recipe: PretrainRecipe) -> tuple[Stage1Task, checkpoints.Checkpoint]:
+def build_stage1(recipe: PretrainRecipe) -> tuple[Stage1Task, Checkpoint]:
     m = recipe.model
     tok = qformer_tokenizer(m.tokenizer)
     vision_cfg, vision_state = _tower(recipe)
-    qcfg = replace(m.qformer, encoder_width=vision_cfg.width, vocab_size=len(tok), has_text=True, has_lm_head=True)
+    qcfg = replace(m.qformer, encoder_width=vision_cfg.width, vocab_size=len(tok), has_text=True, has_lm_head=True,
+                   max_txt_len=recipe.stage1.max_txt_len)  # the checkpoint reads texts as it was trained
     cfg = Blip2Config(vision=vision_cfg, qformer=qcfg, embed_dim=m.embed_dim, ln_vision_eps=m.ln_vision_eps)
     torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
     net = Blip2Stage1(cfg)
@@ -96,10 +96,10 @@ def build_stage1(recipe: PretrainRecipe) -> tuple[Stage1Task, checkpoints.Checkp
         _load_partial(net, bert_init(m.qformer_init, qcfg.vocab_size), f"Q-Former init {m.qformer_init}",
                       may_miss=("vision.", "ln_vision.", "vision_proj.", "text_proj.", "itm_head.", "temp",
                                 "qformer.query_tokens", "qformer.layers"))
-    freeze([net.vision], DTYPES[m.frozen_dtype])
+    freeze([net.vision], dtype_of(m.frozen_dtype))
     task = Stage1Task(net, tok, replace(recipe.stage1, seed=recipe.train.seed))
     sources = {"vision": m.vision} if vision_state is not None else {}
-    return task, checkpoints.Checkpoint(net, cfg, None, tok, None, "stage1", sources)
+    return task, Checkpoint(net, cfg, None, tok, None, "stage1", sources)
 
 
 def _tiny_llm_dir(run_root: Path, recipe: PretrainRecipe) -> Path:
@@ -108,15 +108,16 @@ def _tiny_llm_dir(run_root: Path, recipe: PretrainRecipe) -> Path:
 
     out = run_root / "tiny-llm"
     if dist.rank() == 0 and not (out / "config.json").exists():
-        tiny.pretrain_llm([caption(c, s) for c in COLOURS for s in SHAPES], out, seed=recipe.train.seed)
+        tiny.pretrain_llm([caption(c, s) for c in COLOURS for s in SHAPES], out, recipe.model.tiny_llm,
+                          seed=recipe.train.seed)
     if dist.is_distributed():
         torch.distributed.barrier()
     return out
 
 
-def build_stage2(recipe: PretrainRecipe, init: str, run_root: Path) -> tuple[Stage2Task, checkpoints.Checkpoint]:
+def build_stage2(recipe: PretrainRecipe, init: str, run_root: Path) -> tuple[Stage2Task, Checkpoint]:
     """Stage 2 from a stage-1 checkpoint: its tower, ``ln_vision`` and query path; a new projection."""
-    from ..models.hub import load_checkpoint
+    from ..models.resolve import load_checkpoint
 
     m = recipe.model
     if not init:
@@ -127,8 +128,8 @@ def build_stage2(recipe: PretrainRecipe, init: str, run_root: Path) -> tuple[Sta
     if not isinstance(first.net, Blip2Stage1):
         raise Blip2Error(f"--init {init}: not a stage-1 checkpoint")
     llm_name = str(_tiny_llm_dir(run_root, recipe)) if m.llm == "tiny" else m.llm
-    text, lm_state, tok = lavis.load_llm(llm_name)
-    frozen = DTYPES[m.frozen_dtype]
+    text, lm_state, tok = load_llm(llm_name)
+    frozen = dtype_of(m.frozen_dtype)
     lm = build_language_model(text, lm_state, dtype=frozen)
     qcfg = replace(first.config.qformer, has_text=False, has_lm_head=False)
     cfg = Blip2Config(vision=first.config.vision, qformer=qcfg, text=text, ln_vision_eps=first.config.ln_vision_eps)
@@ -142,7 +143,7 @@ def build_stage2(recipe: PretrainRecipe, init: str, run_root: Path) -> tuple[Sta
     sources = {k: v for k, v in first.frozen_sources.items() if k == "vision"}
     if m.llm != "tiny" and not Path(m.llm).exists():  # a registry name or hub id can be fetched again
         sources["language_model"] = m.llm
-    return task, checkpoints.Checkpoint(net, cfg, tok, None, "caption", "stage2", sources)
+    return task, Checkpoint(net, cfg, tok, None, "caption", "stage2", sources)
 
 
 def _query_path(key: str) -> bool:

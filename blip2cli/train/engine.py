@@ -1,26 +1,55 @@
-"""One training engine interface over a plain PyTorch process and DeepSpeed ZeRO.
-
-``train_batch`` runs the micro-batches of one optimiser step (forward, backward, accumulation,
-clipping, update) at a given learning rate and returns the mean losses; ``save``/``load`` write and
-read the complete trainer state; ``model_state`` gathers the full weights for a model checkpoint.
-"""
+"""One training engine interface (``Engine``) over a plain PyTorch process and DeepSpeed ZeRO, driving a
+``Task``: the loop sees only these two protocols."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from . import dist
+from ..runtime import dist
+from ..runtime.devices import autocast_dtype
 from ..integrity import weights_only_load
 from .recipe import PretrainRecipe, deepspeed_config
 from .schedule import param_groups
 
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+class Task(Protocol):
+    """A trainable objective around a BLIP-2 network (``Stage1Task``, ``Stage2Task``): an ``nn.Module`` whose
+    forward takes a collated batch and the step, and returns the losses, ``loss`` (the one to minimise)
+    among them."""
+
+    net: nn.Module
+
+    def __call__(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]: ...
+
+
+class Engine(Protocol):
+    """What the training loop needs from an engine (``TorchEngine``, ``DeepSpeedEngine``)."""
+
+    kind: str  # recorded in trainer state: a resume must use the same engine
+    device: torch.device
+
+    @property
+    def module(self) -> nn.Module:
+        """The task as the engine wraps it (for evaluation-mode calls and the state of the data)."""
+
+    def train_batch(self, batches: list[dict[str, Any]], step: int, lr: float) -> dict[str, float]:
+        """The micro-batches of one optimiser step (forward, backward, accumulation, clipping, update) at
+        learning rate ``lr``; the mean of each loss."""
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The network's full weights for a model checkpoint (a collective under ZeRO-3: all ranks call it)."""
+
+    def save(self, path: Path) -> None:
+        """Write the complete trainer state (weights being trained, optimiser, scaler) under ``path``."""
+
+    def load(self, path: Path) -> None:
+        """Read back what ``save`` wrote."""
 
 
 def _optimizer(task: nn.Module, recipe: PretrainRecipe) -> torch.optim.Optimizer:
@@ -41,7 +70,7 @@ class TorchEngine:
         self.device = device
         self.recipe = recipe
         self.optimizer = _optimizer(task, recipe)
-        self.dtype = AUTOCAST[recipe.train.precision]
+        self.dtype = autocast_dtype(recipe.train.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.train.precision == "fp16")
         self.kind = "torch"
 
@@ -169,7 +198,8 @@ class DeepSpeedEngine:
             raise RuntimeError(f"resume: no DeepSpeed checkpoint in {path}")
 
 
-def make_engine(task: nn.Module, recipe: PretrainRecipe, device: torch.device):
+def make_engine(task: Task, recipe: PretrainRecipe, device: torch.device) -> Engine:
+    """The recipe's engine (``auto``: DeepSpeed under a launcher, torch in a plain process)."""
     kind = recipe.train.engine
     if kind == "auto":
         kind = "deepspeed" if dist.world_size() > 1 else "torch"

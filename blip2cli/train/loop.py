@@ -15,32 +15,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import Blip2Error, Interrupted
-from ..models import checkpoints
+from ..runtime.errors import Blip2Error, Interrupted
+from ..data.datasets import CaptionJsonDataset, Mixture, collate, webdataset_samples
+from ..data.synthetic import ShapesDataset
+from ..data.transforms import train_transform
+from ..models.assemble import Checkpoint
+from ..models.formats.native import write_model
 from .. import integrity
-from . import dist, rundir, state
-from .engine import make_engine
+from ..runtime import dist, rundir
+from ..runtime.progress import TrainProgress
+from . import state
+from .engine import Engine, Task, make_engine
 from .metrics import MetricsLog
 from .recipe import PretrainRecipe
 from .schedule import lr_at
-
-
-def init_distributed(with_deepspeed: bool = True) -> torch.device:
-    """Join the process group when launched by DeepSpeed or torchrun; a plain process stays alone.
-
-    Without ``with_deepspeed`` the group is torch's own (no DeepSpeed logging on stdout).
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_distributed():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if with_deepspeed:
-            dist.import_deepspeed().init_distributed(dist_backend=backend)
-        else:
-            torch.distributed.init_process_group(backend, init_method="env://")
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -51,10 +39,6 @@ def seed_everything(seed: int) -> None:
 
 def build_data(recipe: PretrainRecipe, rank: int, world: int):
     """The rank's infinite, resumable sample stream (a ``Mixture``) and a DataLoader over it."""
-    from ..data.datasets import CaptionJsonDataset, Mixture, webdataset_samples
-    from ..data.synthetic import ShapesDataset
-    from ..data.transforms import train_transform
-
     d = recipe.data
     transform = train_transform(recipe.model.image_size, d.min_scale)
     seed = recipe.train.seed
@@ -67,7 +51,7 @@ def build_data(recipe: PretrainRecipe, rank: int, world: int):
             sources.append(CaptionJsonDataset(s.path, s.image_root, transform, max_words=d.max_words, seed=seed))
         else:
             sources.append(webdataset_samples(s.path, transform, seed=seed, rank=rank, world_size=world,
-                                              max_words=d.max_words))
+                                              max_words=d.max_words, shuffle=d.shuffle_buffer))
     mixture = Mixture(sources, [s.weight for s in d.sources], seed=seed + 7919 * rank, block_size=d.batch_size)
     return mixture
 
@@ -75,7 +59,6 @@ def build_data(recipe: PretrainRecipe, rank: int, world: int):
 def _loader(mixture, recipe: PretrainRecipe):
     from torch.utils.data import DataLoader
 
-    from ..data.datasets import collate
 
     d = recipe.data
     return iter(DataLoader(mixture, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate,
@@ -85,7 +68,6 @@ def _loader(mixture, recipe: PretrainRecipe):
 class Stopper:
     """SIGTERM (and SIGINT) ask for a checkpoint at the end of the current step; the previous handlers
     come back when the block ends."""
-
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
@@ -114,7 +96,6 @@ def _agree(stop: bool, error: str | None) -> tuple[bool, str | None]:
 @dataclass
 class Start:
     """Where a run starts: its directory, the checkpoint it continues (None: step 0) and its lock (rank 0)."""
-
     run: Path
     checkpoint: Path | None
     lock: rundir.RunLock | None = None
@@ -219,7 +200,7 @@ def _error_line(e: BaseException) -> str:
     return first if isinstance(e, (OSError, Blip2Error)) else f"{type(e).__name__}: {first}"
 
 
-def _needed_bytes(engine, ckpt: checkpoints.Checkpoint, model_state: dict[str, torch.Tensor],
+def _needed_bytes(engine: Engine, ckpt: Checkpoint, model_state: dict[str, torch.Tensor],
                   last: Path | None) -> int:
     """About what one checkpoint takes: the last one's size, or weights plus fp32 AdamW state."""
     size = integrity.checkpoint_size(last) if last is not None else None
@@ -235,7 +216,7 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def save_checkpoint(engine, ckpt: checkpoints.Checkpoint, run: Path, step: int, mixture, consumed: int,
+def save_checkpoint(engine: Engine, ckpt: Checkpoint, run: Path, step: int, mixture, consumed: int,
                     recipe: PretrainRecipe, last: Path | None = None) -> Path:
     """``step-NNNNNN/`` with a loadable model (rank 0), the full trainer state and, written last, its
     manifest; renamed into place, then ``latest``. A failed save removes its partial directory and raises."""
@@ -257,7 +238,7 @@ def save_checkpoint(engine, ckpt: checkpoints.Checkpoint, run: Path, step: int, 
     model_state = engine.model_state()  # a collective under ZeRO-3
     if rank == 0 and error is None:
         try:
-            checkpoints.write_model(ckpt, partial, extra={"step": step, "stage": recipe.stage}, state=model_state)
+            write_model(ckpt, partial, extra={"step": step, "stage": recipe.stage}, state=model_state)
         except Exception as e:
             error = _error_line(e)
     error = dist.first_error(error)
@@ -288,7 +269,7 @@ def save_checkpoint(engine, ckpt: checkpoints.Checkpoint, run: Path, step: int, 
     return final
 
 
-def resume_from(engine, mixture, checkpoint: Path) -> tuple[int, dict[str, Any]]:
+def resume_from(engine: Engine, mixture, checkpoint: Path) -> tuple[int, dict[str, Any]]:
     """Restore the engine and the data position; returns the step and the RNG state to set last."""
     trainer = checkpoint / "trainer"
     error, saved = None, None
@@ -309,7 +290,7 @@ def resume_from(engine, mixture, checkpoint: Path) -> tuple[int, dict[str, Any]]
     return int(saved["step"]), saved["rng"]
 
 
-def run(recipe: PretrainRecipe, task, ckpt: checkpoints.Checkpoint, start: Start, device: torch.device) -> Path | None:
+def run(recipe: PretrainRecipe, task: Task, ckpt: Checkpoint, start: Start, device: torch.device) -> Path | None:
     """Train ``task`` for ``recipe.train.steps`` optimiser steps from ``start`` (see ``prepare``); returns the
     last checkpoint. A signal saves a checkpoint and raises ``Interrupted``; the lock is released either way."""
     try:
@@ -318,9 +299,8 @@ def run(recipe: PretrainRecipe, task, ckpt: checkpoints.Checkpoint, start: Start
         start.release()
 
 
-def _train(recipe: PretrainRecipe, task, ckpt: checkpoints.Checkpoint, start: Start,
+def _train(recipe: PretrainRecipe, task: Task, ckpt: Checkpoint, start: Start,
            device: torch.device) -> Path | None:
-    from .progress import TrainProgress
 
     rank, world = dist.rank(), dist.world_size()
     t, run_dir = recipe.train, start.run

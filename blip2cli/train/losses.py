@@ -17,7 +17,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from . import dist
+from ..runtime import dist
 
 
 def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Tensor,

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import Blip2Error
-from ..io import atomic_write_text
+from ..runtime.errors import Blip2Error
+from ..runtime.io import atomic_write_text
 
 NAME = "metrics.jsonl"
 

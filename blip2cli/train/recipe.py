@@ -1,4 +1,4 @@
-"""The pretraining recipe schema. Recipes (``blip2cli/recipes/pretrain``, ``tiny``) hold the numbers."""
+"""The pretraining recipe schema. Recipes (``recipes/pretrain``, ``tiny``) hold the numbers."""
 
 from __future__ import annotations
 
@@ -6,26 +6,58 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import checked
-from ..errors import Blip2Error
+from ..runtime.errors import Blip2Error
 from ..models.qformer import QFormerConfig
+from ..models.tiny import TinyLLM
 from ..models.vision import VisionConfig
 from .tasks import Stage1Loss, Stage2Loss
 
 
 @dataclass
+class InlineTower(VisionConfig):
+    """A frozen tower a recipe describes inline (random weights, e.g. the tiny recipes): every size given."""
+
+    kind: str = field(kw_only=True)
+    image_size: int = field(kw_only=True)
+    patch_size: int = field(kw_only=True)
+    width: int = field(kw_only=True)
+    layers: int = field(kw_only=True)
+    heads: int = field(kw_only=True)
+    mlp_dim: int = field(kw_only=True)
+
+
+@dataclass
+class QFormerShape(QFormerConfig):
+    """The Q-Former a stage-1 recipe trains: every size given (the paper's is BERT-base with 32 queries; its text
+    length, width at the image side and vocabulary come from the recipe's stage1, tower and tokenizer)."""
+
+    hidden_size: int = field(kw_only=True)
+    num_layers: int = field(kw_only=True)
+    num_heads: int = field(kw_only=True)
+    intermediate_size: int = field(kw_only=True)
+    num_query_tokens: int = field(kw_only=True)
+    max_position_embeddings: int = field(kw_only=True)
+    dropout: float = field(kw_only=True)
+    attention_dropout: float = field(kw_only=True)
+
+
+@dataclass
 class ModelRecipe:
-    # a registry tower (pretrained weights, e.g. eva-g) or an inline config (random frozen weights)
-    vision: str | VisionConfig = "eva-g"
-    image_size: int = checked(224, ge=1)
-    ln_vision_eps: float = 1e-5  # LAVIS's ln_vision
-    qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    # stage 1: BERT weights for the Q-Former ("" for random); query FFNs start as copies of the text FFNs
-    qformer_init: str = "google-bert/bert-base-uncased"
-    tokenizer: str = "google-bert/bert-base-uncased"  # Q-Former tokenizer ([DEC] added); "tiny" built in
-    embed_dim: int = checked(256, ge=1)
-    llm: str = ""  # stage 2: registry LLM, hub id or directory; "tiny" pretrains a small LM on the captions
+    image_size: int = checked(ge=1)
     # the frozen tower and LLM (paper: fp16 ViT/OPT, bf16 Flan-T5)
-    frozen_dtype: str = checked("bfloat16", choices=("float32", "bfloat16", "float16"))
+    frozen_dtype: str = checked(choices=("float32", "bfloat16", "float16"))
+    # stage 1, which stage 2 takes from its --init checkpoint:
+    # a registry tower (pretrained weights, e.g. eva-g) or an inline config (random frozen weights)
+    vision: str | InlineTower | None = None
+    qformer: QFormerShape | None = None
+    # BERT weights for the Q-Former ("" for random); query FFNs start as copies of the text FFNs
+    qformer_init: str | None = None
+    tokenizer: str | None = None  # Q-Former tokenizer ([DEC] added); "tiny" built in
+    embed_dim: int | None = checked(None, ge=1)  # ITC projection width
+    ln_vision_eps: float = 1e-5  # LAVIS's ln_vision
+    # stage 2: registry LLM, hub id or directory; "tiny" pretrains a small LM on the captions (``tiny_llm``)
+    llm: str = ""
+    tiny_llm: TinyLLM | None = None
 
 
 @dataclass
@@ -33,25 +65,37 @@ class SourceRecipe:
     kind: str = checked(choices=("shapes", "webdataset", "caption_json"))
     path: str = ""  # shards (directory, brace pattern) or annotation file
     image_root: str = ""
-    weight: float = checked(1.0, gt=0)
-    size: int = checked(1000, ge=1)  # shapes: number of renderings
+    weight: float | None = checked(None, gt=0)  # its share of the samples (unset in every source: equal shares)
+    size: int | None = checked(None, ge=1)  # shapes: number of renderings
 
 
 @dataclass
 class DataRecipe:
+    batch_size: int = checked(ge=1)  # per rank and micro-step
+    num_workers: int = checked(ge=0)
+    min_scale: float = checked(gt=0, le=1)  # random resized crop (paper: crop + flip)
     sources: list[SourceRecipe] = field(default_factory=list)
-    batch_size: int = checked(16, ge=1)  # per rank and micro-step
-    num_workers: int = checked(2, ge=0)
-    min_scale: float = checked(0.5, gt=0, le=1)  # random resized crop (paper: crop + flip)
     max_words: int = checked(50, ge=1)
+    # webdataset sources: samples held in each loader's seeded shuffle buffer (0 or 1: none)
+    shuffle_buffer: int | None = checked(None, ge=0)
+
+    def __post_init__(self) -> None:
+        weights = [s.weight for s in self.sources]
+        if all(w is None for w in weights):
+            for s in self.sources:
+                s.weight = 1.0  # equal shares
+        elif None in weights:
+            raise Blip2Error("data.sources: give every source a weight, or none (equal shares)")
+        if any(s.kind == "shapes" and s.size is None for s in self.sources):
+            raise Blip2Error("data.sources: a shapes source needs its size (the number of renderings)")
 
 
 @dataclass
 class OptimRecipe:
-    lr: float = checked(1e-4, gt=0)
-    min_lr: float = checked(1e-5, ge=0)
-    warmup_lr: float = checked(1e-6, ge=0)
-    warmup_steps: int = checked(2000, ge=0)
+    lr: float = checked(gt=0)
+    min_lr: float = checked(ge=0)
+    warmup_lr: float = checked(ge=0)
+    warmup_steps: int = checked(ge=0)
     weight_decay: float = checked(0.05, ge=0)
     betas: list[float] = checked(default_factory=lambda: [0.9, 0.98], ge=0, lt=1)  # paper; LAVIS runs 0.999
     eps: float = checked(1e-8, gt=0)
@@ -61,35 +105,53 @@ class OptimRecipe:
 
 @dataclass
 class TrainRecipe:
-    steps: int = checked(250_000, ge=1)
-    global_batch: int = checked(0, ge=0)  # 0: batch_size x world size x accumulation (no check)
+    steps: int = checked(ge=1)
+    precision: str = checked(choices=("fp32", "bf16", "fp16"))  # autocast of the trainable part
+    log_every: int = checked(ge=1)
+    save_every: int = checked(ge=1)
+    keep_last: int = checked(ge=1)
+    seed: int
+    global_batch: int | None = checked(None, ge=1)  # batch_size x world size x accumulation, checked (unset: not)
     grad_accum: int = checked(1, ge=1)
-    precision: str = checked("bf16", choices=("fp32", "bf16", "fp16"))  # autocast of the trainable part
     grad_clip: float = checked(0.0, ge=0)  # 0: none (LAVIS clips nothing)
     # auto (DeepSpeed when launched with several ranks), torch, deepspeed
     engine: str = checked("auto", choices=("auto", "torch", "deepspeed"))
     zero_stage: int = checked(2, choices=(0, 1, 2, 3))
     deepspeed_preset: str = ""  # a file of recipes/deepspeed/ (zero2, zero3), merged into the generated config
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config, merged last
-    log_every: int = checked(10, ge=1)
-    save_every: int = checked(1000, ge=1)
-    keep_last: int = checked(3, ge=1)
-    seed: int = 42
+
+
+# what each stage needs the recipe to say (the other stage's are taken from elsewhere or unused)
+_STAGE1 = ("model.vision", "model.qformer", "model.qformer_init", "model.tokenizer", "model.embed_dim", "stage1")
+_STAGE2 = ("stage2",)
 
 
 @dataclass
 class PretrainRecipe:
-    stage: str = checked("stage1", choices=("stage1", "stage2"))
-    model: ModelRecipe = field(default_factory=ModelRecipe)
-    stage1: Stage1Loss = field(default_factory=Stage1Loss)
-    stage2: Stage2Loss = field(default_factory=Stage2Loss)
-    data: DataRecipe = field(default_factory=DataRecipe)
-    optim: OptimRecipe = field(default_factory=OptimRecipe)
-    train: TrainRecipe = field(default_factory=TrainRecipe)
+    stage: str = checked(choices=("stage1", "stage2"))
+    model: ModelRecipe
+    data: DataRecipe
+    optim: OptimRecipe
+    train: TrainRecipe
+    stage1: Stage1Loss | None = None
+    stage2: Stage2Loss | None = None
 
     def __post_init__(self) -> None:
         if not self.data.sources:
             raise Blip2Error("data.sources is empty: name at least one dataset")
+        missing = [name for name in (_STAGE1 if self.stage == "stage1" else _STAGE2) if _get(self, name) is None]
+        if self.stage == "stage2" and self.model.llm == "tiny" and self.model.tiny_llm is None:
+            missing.append("model.tiny_llm")
+        if any(s.kind == "webdataset" for s in self.data.sources) and self.data.shuffle_buffer is None:
+            missing.append("data.shuffle_buffer")
+        if missing:
+            raise Blip2Error(f"a {self.stage} recipe needs {', '.join(missing)}")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def deepspeed_config(recipe: PretrainRecipe, world_size: int) -> dict[str, Any]:

@@ -14,14 +14,16 @@ from torch import nn
 
 from ..models.blip2 import Blip2ImageToText, Blip2Stage1
 from ..models.qformer import MaskMode
-from . import dist, losses
+from ..models.qformer_text import qformer_text
+from ..runtime import dist
+from . import losses
 
 
 @dataclass
 class Stage1Loss:
     """Stage-1 objective settings (LAVIS blip2_qformer defaults)."""
 
-    max_txt_len: int = 32
+    max_txt_len: int  # text tokens, [CLS] and [SEP] included (the trained checkpoint keeps it: qformer.max_txt_len)
     label_smoothing: float = 0.1  # ITC and ITG; ITM has none
     temp_min: float | None = None  # LAVIS's BLIP-2 never clamps the temperature; BLIP clamped to [0.001, 0.5]
     temp_max: float | None = None
@@ -32,7 +34,7 @@ class Stage1Loss:
 class Stage2Loss:
     """Stage-2 objective settings (LAVIS blip2_opt / blip2_t5)."""
 
-    max_txt_len: int = 32
+    max_txt_len: int | None = None  # LLM tokens per caption, its prompt included (unset: captions are not cut)
     prompt: str = ""  # prepended to every caption and never a target (its BOS included)
     seed: int = 0  # prefix-LM split points
 
@@ -50,9 +52,8 @@ class Stage1Task(nn.Module):
             raise ValueError("the Q-Former tokenizer needs [DEC] as its BOS token")
 
     def tokenize(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.settings.max_txt_len,
-                             return_tensors="pt")
-        return enc.input_ids.to(device), enc.attention_mask.to(device)
+        """Padded to ``max_txt_len`` itself: every rank's batch has one width, so ranks can gather the ids."""
+        return qformer_text(self.tokenizer, texts, self.settings.max_txt_len, device, pad_to_max=True)
 
     def temperature(self) -> torch.Tensor:
         s = self.settings
@@ -112,7 +113,8 @@ class Stage2Task(nn.Module):
         self.settings = settings
 
     def _encode(self, texts: list[str], device, add_special_tokens: bool = True):
-        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.settings.max_txt_len,
+        max_len = self.settings.max_txt_len
+        enc = self.tokenizer(texts, padding="longest", truncation=max_len is not None, max_length=max_len,
                              return_tensors="pt", add_special_tokens=add_special_tokens)
         return enc.input_ids.to(device), enc.attention_mask.to(device)
 

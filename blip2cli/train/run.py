@@ -1,0 +1,72 @@
+"""A pretraining run end to end: choose and check the recipe, join the process group, seed, lock the run
+directory and choose the checkpoint to continue, build the stage's model, train, and (stage 2 on shapes)
+write held-out samples to try."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runtime.errors import Blip2Error
+from .checks import check_agrees, check_data, check_init, choose_recipe
+from .recipe import PretrainRecipe
+
+
+@dataclass
+class Pretrained:
+    """What a finished run left (rank 0): its last checkpoint and, for stage 2 on shapes, held-out samples."""
+
+    checkpoint: Path
+    samples: Path | None = None
+
+
+def default_name(recipe_name: str) -> str:
+    """The run name of a recipe: ``tiny/stage1`` -> ``tiny-stage1``; a YAML file -> its stem."""
+    return Path(recipe_name).stem if recipe_name.endswith((".yaml", ".yml")) else recipe_name.replace("/", "-")
+
+
+def pretrain(stage: str, recipe: str | None = None, choice: str | None = None, overrides: list[str] | None = None,
+             out: Path = Path("runs"), name: str | None = None, resume: str = "auto", init: str | None = None,
+             overwrite: bool = False) -> Pretrained | None:
+    """Pretrain ``stage`` (stage1, stage2) with ``recipe`` (else the paper's for the tower or LLM ``choice``,
+    which must then agree with it), ``overrides`` applied, in ``out/name``; stage 2 starts from ``init``.
+    The recipe's data and the stage-1 run are checked before anything is built. ``resume``: auto, never or a
+    checkpoint; ``overwrite`` starts over. See ``train`` for what it returns."""
+    from ..config import load_recipe
+
+    recipe_name = choose_recipe(stage, recipe, choice)
+    spec = load_recipe(PretrainRecipe, recipe_name, overrides or [])
+    if spec.stage != stage:
+        raise Blip2Error(f"recipe {recipe_name} is a {spec.stage} recipe, not {stage}")
+    check_agrees(stage, recipe_name, spec, choice)
+    check_data(recipe_name, spec)
+    if stage == "stage2":
+        check_init(init)
+    return train(stage, spec, out / (name or default_name(recipe_name)), out, resume, init, overwrite)
+
+
+def train(stage: str, spec: PretrainRecipe, run_dir: Path, out: Path, resume: str = "auto", init: str | None = None,
+          overwrite: bool = False) -> Pretrained | None:
+    """Train a checked recipe in ``run_dir`` (in one process, or as one rank under a launcher). Returns, on
+    rank 0, the last checkpoint and any samples written; None on other ranks or when nothing was saved."""
+    from ..runtime import dist
+    from ..runtime.progress import quiet_transformers
+    from . import build, loop
+
+    quiet_transformers()
+    device = dist.init_distributed()
+    loop.seed_everything(spec.train.seed + dist.rank())
+    start = loop.prepare(run_dir, resume, overwrite)  # lock the run directory, choose the checkpoint
+    if stage == "stage1":
+        task, ckpt = build.build_stage1(spec)
+    else:
+        task, ckpt = build.build_stage2(spec, init or "", out)
+    last = loop.run(spec, task, ckpt, start, device)
+    if dist.rank() != 0 or last is None:
+        return None
+    samples = None
+    if stage == "stage2" and any(s.kind == "shapes" for s in spec.data.sources):
+        from ..data.synthetic import write_samples
+
+        samples = write_samples(run_dir, spec.model.image_size)
+    return Pretrained(last, samples)

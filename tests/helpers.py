@@ -1,0 +1,110 @@
+"""Running ``blip2`` in the tests: the installed console script in a subprocess (``blip2``), the app in this
+process (``invoke``), what their output must look like, and a free loopback port.
+
+Plain functions, imported by the test modules and ``conftest.py`` (``from tests.helpers import blip2``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Mapping
+
+from blip2cli.runtime.errors import EXIT_BAD_INPUT
+
+REPO = Path(__file__).resolve().parents[1]
+BLIP2 = str(Path(sys.executable).with_name("blip2"))  # this environment's console scripts
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+FAST = ("--max-new-tokens", "4", "--device", "cpu")  # ``blip2 generate`` options that keep a tiny run short
+
+
+def cli_env(env: Mapping[str, str] | None = None, *, threads: int = 2) -> dict[str, str]:
+    """The environment ``blip2`` runs in: this process's, offline (``HF_HUB_OFFLINE=1``), ``threads`` OpenMP
+    threads, then ``env`` over all of it (``{"HF_HOME": ...}`` for an empty cache, ``{"BLIP2_DEBUG": "1"}``)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), **(env or {})}
+
+
+def blip2(*args: str | Path, cwd: str | Path | None = None, env: Mapping[str, str] | None = None,
+          timeout: float = 600, ranks: int | None = None, text: bool = True,
+          **run: object) -> subprocess.CompletedProcess:
+    """``blip2 ARGS`` as users run it: the installed console script in a subprocess, in ``cwd``, with
+    ``cli_env(env)``, stdout and stderr captured (as text unless ``text=False``), stdin empty.
+
+    ``ranks``: under ``torchrun --standalone --nproc_per_node RANKS``, one OpenMP thread per rank unless ``env``
+    says otherwise. ``timeout`` fails the test when the command hangs; other keywords go to ``subprocess.run``.
+    """
+    command = [BLIP2, *map(str, args)]
+    if ranks:
+        command = [TORCHRUN, "--standalone", "--nproc_per_node", str(ranks), *command]
+    if "input" not in run:
+        run.setdefault("stdin", subprocess.DEVNULL)  # a command never waits for a keyboard
+    return subprocess.run(command, cwd=cwd, env=cli_env(env, threads=1 if ranks else 2), capture_output=True,
+                          text=text, timeout=timeout, **run)
+
+
+def invoke(*args: str | Path):
+    """``blip2 ARGS`` in this process, through Typer's test runner on the ``blip2`` app (what a test needs to
+    patch in-process); returns click's ``Result`` (``exit_code``, ``stdout``, ``exception``)."""
+    from typer.testing import CliRunner
+
+    from blip2cli.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def records(proc: subprocess.CompletedProcess) -> list[dict]:
+    """The JSON lines of a command's stdout (``--json``)."""
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The non-blank lines of stderr, each of which must be an ``error: ...`` line (no traceback)."""
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert all(line.startswith("error: ") for line in lines), proc.stderr
+    return lines
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str,
+                          code: int | None = EXIT_BAD_INPUT) -> None:
+    """The command failed with exit status ``code`` (``None``: any but 0), one ``error:`` line holding every
+    fragment on stderr, and nothing on stdout."""
+    if code is None:
+        assert proc.returncode != 0, proc.stderr
+    else:
+        assert proc.returncode == code, proc.stderr
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stderr
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]
+    assert proc.stdout == ""
+
+
+def recipe_schema(name: str):
+    """The dataclass a recipe reads into, or None for the DeepSpeed presets (plain mappings)."""
+    from blip2cli.api import Decoding
+    from blip2cli.data.capfilt import CapFiltRecipe
+    from blip2cli.data.download import DownloadRecipe
+    from blip2cli.eval.generation import GenerationEval
+    from blip2cli.eval.retrieval import RetrievalEval
+    from blip2cli.train.recipe import PretrainRecipe
+
+    group, stem = name.split("/", 1)
+    return {
+        "pretrain": PretrainRecipe,
+        "tiny": PretrainRecipe,
+        "generate": Decoding,
+        "eval": RetrievalEval if stem in ("flickr30k", "coco-retrieval") else GenerationEval,
+        "prepare": CapFiltRecipe if stem == "capfilt" else DownloadRecipe,
+        "deepspeed": None,
+    }[group]

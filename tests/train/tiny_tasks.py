@@ -1,0 +1,79 @@
+"""Tiny stage-1 and stage-2 tasks and their batches, shared by the loss tests, the two-rank (gloo) tests and the
+DeepSpeed worker (``tests/ds_worker.py``), which must build the very same tasks in other processes."""
+
+from __future__ import annotations
+
+import torch
+
+from blip2cli.config import load_recipe
+from blip2cli.models.blip2 import Blip2Config, Blip2Stage1
+from blip2cli.models.qformer import QFormerConfig
+from blip2cli.models.vision import VisionConfig
+from blip2cli.train.recipe import PretrainRecipe
+from blip2cli.train.tasks import Stage1Loss, Stage1Task, Stage2Loss, Stage2Task
+
+from tests import tiny
+
+B = 3  # the batch of each rank; one process takes the ranks' batches together
+
+
+def tiny_stage1(tok=None) -> tuple[Blip2Stage1, object]:
+    """A tiny stage-1 network (EVA-style tower, 2-layer Q-Former) and its tokenizer, with seeded weights."""
+    tok = tok if tok is not None else tiny.bert_tokenizer()
+    cfg = Blip2Config(vision=VisionConfig(kind="eva", image_size=32, patch_size=8, width=32, layers=2, heads=4,
+                                          mlp_dim=64),
+                      qformer=QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                            encoder_width=32, num_query_tokens=4, vocab_size=len(tok),
+                                            max_position_embeddings=64),
+                      embed_dim=16)
+    torch.manual_seed(0)
+    return Blip2Stage1(cfg), tok
+
+
+def tiny_batch(n: int) -> dict:
+    """``n`` drawn images (transformed) and their captions."""
+    from blip2cli.models.vision import image_transform
+
+    t = image_transform(32)
+    return {"image": torch.stack([t(tiny.draw_image(i)) for i in range(n)]),
+            "text": [tiny.CORPUS[i % 7] for i in range(n)]}
+
+
+def stage1_task(tokenizer_dir: str):
+    from transformers import AutoTokenizer
+
+    # a tokenizer trained once and saved: training is not deterministic across processes
+    net, tok = tiny_stage1(AutoTokenizer.from_pretrained(tokenizer_dir))
+    net.vision.requires_grad_(False)
+    return Stage1Task(net, tok, Stage1Loss(max_txt_len=16)).eval()  # eval: no dropout, comparable runs
+
+
+def stage2_task(hf_dir):
+    from blip2cli.models.formats.hf import load_hf_dir
+
+    ckpt = load_hf_dir(hf_dir)
+    for m in ckpt.net.frozen_modules():
+        m.requires_grad_(False)
+    return Stage2Task(ckpt.net, ckpt.tokenizer, Stage2Loss()).eval()
+
+
+def _grads(task) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+
+
+def forward_backward(task, batch, step=5):
+    """One step's losses and the gradients they leave."""
+    out = task(batch, step=step)
+    out["loss"].backward()
+    return {k: v.detach() for k, v in out.items()}, _grads(task)
+
+
+def recipe_for(zero: int) -> PretrainRecipe:
+    """The tiny stage-1 recipe under ZeRO stage ``zero``, batch B per rank, fp32."""
+    return load_recipe(PretrainRecipe, "tiny/stage1", [f"train.zero_stage={zero}", f"data.batch_size={B}",
+                                                       "train.precision=fp32"])
+
+
+def task_for(stage: str, assets: str):
+    """The tasks above, from files made once (tokenizer training is not repeatable)."""
+    return stage1_task(f"{assets}/bert") if stage == "stage1" else stage2_task(f"{assets}/opt")
