@@ -56,7 +56,7 @@ def reference(model, images, texts, k: int, batch: int):
     """The reference approach: all ViT tokens kept, full ITC matrix, then ITM on the top k."""
     import torch
 
-    net = model._stage1()
+    net = model.matching_network()
     enc = model.checkpoint.qformer_tokenizer(texts, padding="max_length", truncation=True, max_length=35,
                                              return_tensors="pt")
     with torch.inference_mode():
@@ -64,7 +64,7 @@ def reference(model, images, texts, k: int, batch: int):
                                 for s in range(0, len(texts), 256)])
         embeds, feats = [], []
         for s in range(0, len(images), batch):
-            e = model._image_embeds(images[s:s + batch])
+            e = model.image_embeds(images[s:s + batch])
             embeds.append(e)
             feats.append(net.image_features(e))
         embeds, feats = torch.cat(embeds), torch.cat(feats)

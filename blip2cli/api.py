@@ -180,14 +180,16 @@ class Blip2:
         return prompts
 
     # ------------------------------------------------------------------ matching
-    def _stage1(self) -> Blip2Stage1:
+    def matching_network(self) -> Blip2Stage1:
+        """The stage-1 network with its ITM and ITC heads; a model without them is a one-line error."""
         if not isinstance(self.net, Blip2Stage1):
             raise Blip2Error(f"{self.checkpoint.source} has no ITM/ITC heads (use blip2-itm-vit-g or a stage-1 model)")
         if self.checkpoint.qformer_tokenizer is None:
             raise Blip2Error(f"{self.checkpoint.source} has no Q-Former tokenizer")
         return self.net
 
-    def _image_embeds(self, images: Sequence[ImageLike]) -> torch.Tensor:
+    def image_embeds(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """The frozen tower's output for ``images`` (opened and transformed as every method does)."""
         return self.net.encode_image(self.pixel_values(images).to(self.dtype))
 
     @torch.inference_mode()
@@ -199,12 +201,12 @@ class Blip2:
         tokens kept, [CLS] and [SEP] included (default: the checkpoint's ``qformer.max_txt_len``, the length its
         Q-Former was trained with: 32 for BLIP-2's); the same holds for ``itc`` and ``extract_features``.
         """
-        net = self._stage1()
+        net = self.matching_network()
         ims, one_image = _image_list(images)
         txts, one_text = _text_list(texts)
         ims, txts = _pairs(ims, one_image, txts, one_text, "itm")
         ids, mask = self._qformer_text(txts, max_length)
-        probs = net.itm_logits(self._image_embeds(ims), ids, mask).float().softmax(dim=-1)[:, 1].cpu()
+        probs = net.itm_logits(self.image_embeds(ims), ids, mask).float().softmax(dim=-1)[:, 1].cpu()
         return probs.item() if one_image and one_text else probs
 
     @torch.inference_mode()
@@ -214,11 +216,11 @@ class Blip2:
 
         A single image (or text) drops its dimension: ``(texts,)``, ``(images,)``, or a float for both.
         """
-        net = self._stage1()
+        net = self.matching_network()
         ims, one_image = _image_list(images)
         txts, one_text = _text_list(texts)
         ids, mask = self._qformer_text(txts, max_length)
-        sims = net.similarity(net.image_features(self._image_embeds(ims)), net.text_features(ids, mask)).float().cpu()
+        sims = net.similarity(net.image_features(self.image_embeds(ims)), net.text_features(ids, mask)).float().cpu()
         if one_image and one_text:
             return sims[0, 0].item()
         return sims[0] if one_image else sims[:, 0] if one_text else sims
@@ -244,7 +246,7 @@ class Blip2:
             raise Blip2Error(f"{mode} features need texts")
         if mode == "image":
             return _unbatch(self._image_features(ims), one_image)
-        net = self._stage1()
+        net = self.matching_network()
         if mode == "text":
             ids, mask = self._qformer_text(txts, max_length)
             states = net.qformer(input_ids=ids, text_mask=mask, use_queries=False).hidden_states
@@ -253,11 +255,11 @@ class Blip2:
             return _unbatch(out, one_text)
         ims, txts = _pairs(ims, one_image, txts, one_text, "multimodal features")
         ids, mask = self._qformer_text(txts, max_length)
-        res = net.qformer(image=self._image_embeds(ims), input_ids=ids, text_mask=mask)
+        res = net.qformer(image=self.image_embeds(ims), input_ids=ids, text_mask=mask)
         return _unbatch({"multimodal_embeds": res.query_states.float().cpu()}, one_image and one_text)
 
     def _image_features(self, images: list[ImageLike]) -> dict[str, torch.Tensor]:
-        embeds = self._image_embeds(images)
+        embeds = self.image_embeds(images)
         out = {"image_embeds": self.net.query_output(embeds).float().cpu()}
         if isinstance(self.net, Blip2Stage1):
             out["image_features"] = self.net.image_features(embeds).float().cpu()

@@ -85,7 +85,7 @@ def retrieval_scores(model, images: Sequence[str | Path], texts: Sequence[str], 
     spec = replace(settings or load_recipe(RetrievalEval, PROTOCOL),
                    **{name: value for name, value in given.items() if value is not None})
     k, batch_size, text_batch, itm_batch = spec.k, spec.batch_size, spec.text_batch, spec.itm_batch
-    net = model._stage1()
+    net = model.matching_network()
     k_t, k_i = min(k, len(texts)), min(k, len(images))
     ids, mask = qformer_text(model.checkpoint.qformer_tokenizer, texts, spec.max_txt_len, model.device,
                              pad_to_max=True)
@@ -138,7 +138,7 @@ def _itc_pass(model, net, images, text_feats, mine, k_t: int, k_i: int):
     t2i_v = torch.full((n_texts, 0), float("-inf"), device=model.device)
     t2i_i = torch.zeros((n_texts, 0), dtype=torch.long, device=model.device)
     for batch in mine:
-        embeds = model._image_embeds([images[i] for i in batch])
+        embeds = model.image_embeds([images[i] for i in batch])
         sims = net.similarity(net.image_features(embeds), text_feats).float()  # (b, texts)
         top = sims.topk(k_t, dim=1)
         i2t_v[batch], i2t_i[batch] = top.values, top.indices
@@ -152,7 +152,7 @@ def _itc_pass(model, net, images, text_feats, mine, k_t: int, k_i: int):
 
 def _itm_batch(model, net, images, ids, mask, batch, i2t_i, t2i_i, i2t_s, t2i_s, itm_batch: int) -> None:
     """Score by ITM every top-k pair that involves the images of ``batch`` (written into i2t_s / t2i_s)."""
-    embeds = model._image_embeds([images[i] for i in batch])
+    embeds = model.image_embeds([images[i] for i in batch])
     pairs = []  # (image row in batch, text, where to write)
     for row, i in enumerate(batch):
         pairs += [(row, int(t), ("i2t", i, j)) for j, t in enumerate(i2t_i[i].tolist())]

@@ -26,14 +26,14 @@ def setup(hf_itm, image_files):
 
 def brute_force(model, images):
     """Every pair through ITM (mean class-1 logit) plus ITC, computed pair by pair."""
-    net = model._stage1()
+    net = model.matching_network()
     itc = model.itc(images, TEXTS)
     enc = model.checkpoint.qformer_tokenizer(TEXTS, padding="max_length", truncation=True, max_length=35,
                                              return_tensors="pt")
     full = torch.zeros(len(images), len(TEXTS))
     with torch.no_grad():
         for i, image in enumerate(images):
-            embeds = model._image_embeds([image])
+            embeds = model.image_embeds([image])
             for t in range(len(TEXTS)):
                 full[i, t] = net.itm_logits(embeds, enc.input_ids[t:t + 1], enc.attention_mask[t:t + 1])[0, 1]
     return full + itc, itc
@@ -106,7 +106,7 @@ def test_two_ranks_give_the_same_retrieval_metrics(setup, hf_itm, tmp_path):
 
 def test_a_killed_retrieval_continues_without_recomputing(setup, tmp_path):
     model, images, _, _ = setup
-    net = model._stage1()
+    net = model.matching_network()
     straight = retrieval_scores(model, images, TEXTS, k=4, batch_size=2)
     calls = []
     original = net.itm_logits
@@ -123,13 +123,13 @@ def test_a_killed_retrieval_continues_without_recomputing(setup, tmp_path):
     assert (tmp_path / "itc.pt").exists() and (tmp_path / "itm.rank000.pt").exists()
     net.itm_logits = lambda *a, **k: calls.append(1) or original(*a, **k)
     embeds = []
-    original_embeds = model._image_embeds
-    model._image_embeds = lambda imgs: embeds.append(len(imgs)) or original_embeds(imgs)
+    original_embeds = model.image_embeds
+    model.image_embeds = lambda imgs: embeds.append(len(imgs)) or original_embeds(imgs)
     calls.clear()
     try:
         again = retrieval_scores(model, images, TEXTS, k=4, batch_size=2, itm_batch=1000, work_dir=tmp_path)
     finally:
-        net.itm_logits, model._image_embeds = original, original_embeds
+        net.itm_logits, model.image_embeds = original, original_embeds
     assert sum(embeds) == 3  # only the image batches not yet scored: ITC came from the cache
     assert len(calls) == 2  # one ITM call per remaining batch (batches of 2, 2 and 1 images; one was done)
     for a, b in ((again.i2t_score, straight.i2t_score), (again.t2i_score, straight.t2i_score)):
