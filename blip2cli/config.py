@@ -85,6 +85,7 @@ def recipe_path(name: str) -> Path:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; an unreadable or malformed file is a one-line error."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -182,6 +183,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_recipe(cls: type[T], name: str, overrides: list[str] = ()) -> T:
+    """A recipe by short name (``pretrain/stage1_eva-g``) or path, with ``a.b=c`` overrides, as a ``cls`` instance;
+    an unknown key or a bad value is a one-line error naming it."""
     path = recipe_path(name)
     return from_dict(cls, apply_overrides(read_yaml(path), list(overrides)), where=str(name))
 

@@ -120,6 +120,7 @@ def build(cfg: Blip2Config, state: dict[str, torch.Tensor], lm_state: dict[str, 
 
 
 def llm_padding_side(cfg: Blip2Config) -> str:
+    """Left padding for decoder-only LLMs (the prompt ends where generation starts), right for encoder-decoders."""
     is_enc_dec = bool(cfg.text and cfg.text.get("is_encoder_decoder"))
     return "right" if is_enc_dec else "left"
 

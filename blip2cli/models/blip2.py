@@ -45,6 +45,8 @@ class Blip2Config:
 
 
 class Blip2Base(nn.Module):
+    """What both networks share: the frozen tower, its LayerNorm, the query tokens and the Q-Former."""
+
     def __init__(self, cfg: Blip2Config) -> None:
         super().__init__()
         self.config = cfg

@@ -167,6 +167,9 @@ class FeedForward(nn.Module):
 
 
 class QFormerLayer(nn.Module):
+    """One Q-Former layer: self-attention over queries and text, cross-attention to the image (every
+    ``cross_attention_frequency`` layers, queries only), and separate query and text feed-forward blocks."""
+
     def __init__(self, cfg: QFormerConfig, has_cross_attention: bool) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, cfg.hidden_size)
@@ -226,6 +229,8 @@ class LMHead(nn.Module):
 
 @dataclass
 class QFormerOutput:
+    """The Q-Former's last hidden states, queries first, then text."""
+
     hidden_states: torch.Tensor  # (B, queries + text, hidden)
     num_queries: int
     cache: KVCache | None = None

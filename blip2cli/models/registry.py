@@ -16,6 +16,8 @@ LAVIS_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/m
 
 @dataclass(frozen=True)
 class Entry:
+    """One name users type: what it is and where its weights come from."""
+
     name: str
     kind: str  # "blip2" (a whole model), "tower" (image encoder), "llm", "captioner"/"ranker" (CapFilt)
     source: str  # "hf:<repo id>", or "lavis:<url>", or "open_clip:<model>/<tag>"
@@ -90,11 +92,13 @@ def by_repo(repo_id: str) -> Entry | None:
 
 
 def lookup(name: str, kind: str | None = None) -> Entry | None:
+    """The registry entry called ``name`` (of ``kind``, when given), or None."""
     entry = REGISTRY.get(name)
     return entry if entry is not None and (kind is None or entry.kind == kind) else None
 
 
 def unknown_name(name: str, kind: str | None = None) -> Blip2Error:
+    """The one-line error for a name that is nothing blip2 knows, with the closest known names."""
     names = [e.name for e in ENTRIES if kind is None or e.kind == kind]
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `blip2 models` lists the known names"

@@ -47,6 +47,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_pth(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a PyTorch file (a state dict, or a dict holding one under ``model``), read weights-only;
+    anything else is a one-line error."""
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
@@ -86,6 +88,7 @@ def refuse_remote_code(path: Path) -> None:
 
 
 def load_tokenizer(path: Path, padding_side: str | None = None):
+    """A transformers tokenizer from a directory, never running the checkpoint's own code."""
     from transformers import AutoTokenizer
 
     refuse_remote_code(path)

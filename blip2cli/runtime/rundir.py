@@ -53,6 +53,7 @@ def _git_sha() -> str | None:
 
 
 def step_of(path: Path) -> int | None:
+    """The step of a ``step-NNNNNN`` checkpoint directory, or None for any other name."""
     m = STEP.match(path.name)
     return int(m.group(1)) if m else None
 

@@ -81,6 +81,7 @@ def freeze(modules: list[nn.Module], dtype: torch.dtype) -> None:
 
 
 def build_stage1(recipe: PretrainRecipe) -> tuple[Stage1Task, Checkpoint]:
+    """The stage-1 task (network, BERT tokenizer, losses) and the checkpoint that will be saved from it."""
     m = recipe.model
     tok = qformer_tokenizer(m.tokenizer)
     vision_cfg, vision_state = _tower(recipe)

@@ -128,6 +128,8 @@ _STAGE2 = ("stage2",)
 
 @dataclass
 class PretrainRecipe:
+    """A pretraining recipe (``recipes/pretrain/``, ``recipes/tiny/``): model, data, optimiser, training."""
+
     stage: str = checked(choices=("stage1", "stage2"))
     model: ModelRecipe
     data: DataRecipe

@@ -30,6 +30,8 @@ LLM_PREFIX = {"opt_proj": "opt_model.", "t5_proj": "t5_model."}  # the frozen LL
 
 
 def infer_qformer(state: dict[str, torch.Tensor], heads: int | None = None) -> QFormerConfig:
+    """The Q-Former's config read off a LAVIS state dict (layers, widths, cross-attention spacing, heads
+    from ``heads`` or BERT's 64-wide)."""
     q = state["query_tokens"]
     hidden = q.shape[-1]
     pre = "Qformer.bert."

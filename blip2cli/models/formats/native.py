@@ -37,6 +37,7 @@ def verify(path: Path) -> None:
 
 
 def load_ours(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
+    """A checkpoint in blip2's own format; frozen parts saved by reference are fetched from their sources."""
     path = Path(path)
     meta = json.loads((path / FORMAT_FILE).read_text())
     cfg = Blip2Config.from_dict(meta["config"])
