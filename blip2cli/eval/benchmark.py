@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.errors import Blip2Error
-from ..runtime.io import read_json
+from ..runtime.io import atomic_write_text, read_json
 from .session import ModelRun, RunOptions
 
 OnSkip = Callable[[str], None]  # told "PATH: reason" for each unreadable image (None: it is an error)
@@ -180,8 +180,7 @@ def run_retrieval(benchmark: str, options: RunOptions, annotations: Path | None 
     if dist.rank() != 0:
         return None
     result = {**recall_metrics(scores, img2txt, txt2img), "k": k, "num_images": len(images), "num_texts": len(texts)}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     return Report({**result, "notes": run.notes}, out / "metrics.json")
 
 
@@ -267,5 +266,5 @@ def _finish(result: dict, run: ModelRun, command: str) -> Report:
     metrics = None
     if "predictions" not in result and run.runs_model:
         metrics = run.run_dir(command) / "metrics.json"
-        metrics.write_text(json.dumps(result, indent=2))
+        atomic_write_text(metrics, json.dumps(result, indent=2))
     return Report(result, metrics)

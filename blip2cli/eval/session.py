@@ -123,8 +123,5 @@ class ModelRun:
         """The model, on this rank's GPU when a launcher started several ranks."""
         from ..api import load
         from ..runtime.devices import rank_device
-        from ..runtime.progress import quiet_transformers
 
-        device = rank_device(self.device)
-        quiet_transformers()
-        return load(self.model, device=device, dtype=self.dtype, llm=self.llm)
+        return load(self.model, device=rank_device(self.device), dtype=self.dtype, llm=self.llm)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import checked
+from ..runtime.devices import DTYPES
 from ..runtime.errors import Blip2Error
 from ..models.qformer import QFormerConfig
 from ..models.tiny import TinyLLM
@@ -45,7 +46,7 @@ class QFormerShape(QFormerConfig):
 class ModelRecipe:
     image_size: int = checked(ge=1)
     # the frozen tower and LLM (paper: fp16 ViT/OPT, bf16 Flan-T5)
-    frozen_dtype: str = checked(choices=("float32", "bfloat16", "float16"))
+    frozen_dtype: str = checked(choices=tuple(DTYPES))
     # stage 1, which stage 2 takes from its --init checkpoint:
     # a registry tower (pretrained weights, e.g. eva-g) or an inline config (random frozen weights)
     vision: str | InlineTower | None = None
