@@ -6,12 +6,14 @@ on the image and its 11 candidate captions, keeping the best two. blip2 runs ``b
 shard processing (batches of images, one vision pass and one set of cross-attention keys and values per
 image, a preallocated self-attention cache, images leaving the batch once their captions end, a hashed
 nucleus draw, batched ranking). Both read the same webdataset shard of random images, with the same random
-models and decoding settings (the CapFilt recipe's), and report images/s, their ratio, and the arithmetic each side does per
-image (torch's FLOP counter, on the warm-up images) with the rate it sustains: on CPU both are
-compute-bound, so the achieved GFLOP/s shows how close each comes to the machine's matmul throughput.
+models and decoding settings (the CapFilt recipe's). The two sides run alternately over ``--rounds`` rounds,
+each run in a fresh process; the report gives each side's best round in images/s with the spread across
+rounds, the ratio of the best rounds, and the arithmetic each side does per image (torch's FLOP counter, on
+the warm-up images) with the rate its best round sustains: on CPU both are compute-bound, so the achieved
+GFLOP/s shows how close each comes to the machine's matmul throughput.
 
     python -m benchmarks.capfilt                        # tiny and mid-size models, CPU
-    python -m benchmarks.capfilt --size mid --images 64
+    python -m benchmarks.capfilt --size mid --images 64 [--rounds 3]
     python -m benchmarks.capfilt --size full --device cuda --dtype float16   # BLIP-large + CLIP ViT-L/14
 
 Sizes: ``tiny`` (2-layer, 32-wide), ``mid`` (6-layer 384-wide ViTs and decoder, BERT vocabulary),
@@ -26,8 +28,10 @@ import io
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks._rounds import add_rounds_argument, alternate, spawn
 from benchmarks._weights import randomise
 
 WARM = 2  # warm-up images, also those whose arithmetic is counted
@@ -87,7 +91,7 @@ def mean_caption_tokens(captioner, shard: Path, recipe) -> float:
     from PIL import Image
 
     from blip2cli.data.capfilt import read_samples
-    from blip2cli.models.capfilt_captioner import row_seed
+    from blip2cli.models.sampling import row_seed
 
     decoding = recipe.decoding
     samples = list(read_samples(shard))
@@ -162,20 +166,56 @@ def one_at_a_time(shard: Path, captioner, ranker, recipe) -> int:
     return done
 
 
-def measure(size: str, n: int, batch: int, workers: int, device: str, dtype: str, end_bias: float) -> dict:
-    import torch
+def capfilt_recipe(root: Path, batch: int, workers: int):
+    """The CapFilt recipe over the benchmark's captioner and ranker in ``root``."""
+    from blip2cli.config import load_recipe
+    from blip2cli.data.capfilt import CapFiltRecipe
 
+    return dataclasses.replace(load_recipe(CapFiltRecipe, "prepare/capfilt"), captioner=str(root / "blip"),
+                               ranker=str(root / "clip"), batch_size=batch, workers=workers)
+
+
+def run_side(side: str, root: str, n: int, batch: int, workers: int, device: str, dtype: str,
+             count_tokens: bool, queue) -> None:
+    """One round of one side: the warm-up images under torch's FLOP counter, then the timed shard of ``n``
+    images; with ``count_tokens``, the mean caption length of the warm-up images too."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from blip2cli.runtime.devices import resolve_device, resolve_dtype
-    from blip2cli.config import load_recipe
-    from blip2cli.data.capfilt import CapFiltRecipe, process_shard
+    from blip2cli.data.capfilt import process_shard
     from blip2cli.models.capfilt_captioner import Captioner
     from blip2cli.models.clip_ranker import Ranker
+    from blip2cli.runtime.devices import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    data = Path(root)
+    recipe = capfilt_recipe(data, batch, workers)
+    captioner, ranker = Captioner(recipe.captioner, dev, dt), Ranker(recipe.ranker, dev, dt)
+    with tempfile.TemporaryDirectory() as out:
+        def run(shard: str) -> int:
+            if side == "one_at_a_time":
+                return one_at_a_time(data / shard, captioner, ranker, recipe)
+            return process_shard(data / shard, Path(out) / shard, captioner, ranker, recipe)["captioned"]
+
+        with FlopCounterMode(display=False) as flops:  # also the warm-up
+            run("warm.tar")
+        tokens = mean_caption_tokens(captioner, data / "warm.tar", recipe) if count_tokens else None
+        sync()
+        start = time.perf_counter()
+        done = run("shard.tar")
+        sync()
+        elapsed = time.perf_counter() - start
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
+    queue.put({"images_per_s": done / elapsed, "gflop_per_image": flops.get_total_flops() / WARM / 1e9,
+               "mean_caption_tokens": tokens, "peak_gpu_mib": peak_gpu, "device": str(dev),
+               "dtype": str(dt).removeprefix("torch.")})
+
+
+def measure(size: str, n: int, batch: int, workers: int, device: str, dtype: str, end_bias: float,
+            rounds: int) -> dict:
+    """Both sides on one model size, alternately over ``rounds`` rounds."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build_captioner(root / "blip", size)
@@ -186,35 +226,24 @@ def measure(size: str, n: int, batch: int, workers: int, device: str, dtype: str
         build_clip(root / "clip", size)
         write_shard(root / "shard.tar", n)
         write_shard(root / "warm.tar", WARM)
-        recipe = dataclasses.replace(load_recipe(CapFiltRecipe, "prepare/capfilt"), captioner=str(root / "blip"),
-                                     ranker=str(root / "clip"), batch_size=batch, workers=workers)
-        captioner, ranker = Captioner(recipe.captioner, dev, dt), Ranker(recipe.ranker, dev, dt)
-        with FlopCounterMode(display=False) as reference_flops:  # also the warm-up
-            one_at_a_time(root / "warm.tar", captioner, ranker, recipe)
-        with FlopCounterMode(display=False) as our_flops:
-            process_shard(root / "warm.tar", root / "out" / "warm.tar", captioner, ranker, recipe)
 
-        tokens = mean_caption_tokens(captioner, root / "warm.tar", recipe)
-        sync()
-        start = time.perf_counter()
-        one_at_a_time(root / "shard.tar", captioner, ranker, recipe)
-        sync()
-        reference = n / (time.perf_counter() - start)
-        sync()
-        start = time.perf_counter()
-        stats = process_shard(root / "shard.tar", root / "out" / "shard.tar", captioner, ranker, recipe)
-        sync()
-        ours = stats["captioned"] / (time.perf_counter() - start)
-    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
-    reference_gflop, our_gflop = (counter.get_total_flops() / WARM / 1e9 for counter in (reference_flops, our_flops))
-    return {"size": size, "device": str(dev), "dtype": str(dt).removeprefix("torch."), "images": n, "batch": batch,
-            "captions_per_image": recipe.decoding.num_captions, "end_bias": end_bias, "mean_caption_tokens": round(tokens, 1),
-            "one_at_a_time_images_per_s": round(reference, 3),
-            "blip2_images_per_s": round(ours, 3), "ratio_blip2_over_one_at_a_time": round(ours / reference, 2),
-            "one_at_a_time_gflop_per_image": round(reference_gflop, 2), "blip2_gflop_per_image": round(our_gflop, 2),
-            "one_at_a_time_gflop_per_s": round(reference * reference_gflop, 1),
-            "blip2_gflop_per_s": round(ours * our_gflop, 1),
-            "peak_gpu_mib": round(peak_gpu) if peak_gpu else None}
+        def side(name: str) -> Callable[[int], dict]:
+            """The caption lengths are read in blip2's first round."""
+            return lambda r: spawn(run_side, name, tmp, n, batch, workers, device, dtype, name == "blip2" and r == 0)
+
+        result = alternate({name: side(name) for name in ("one_at_a_time", "blip2")}, rounds)
+        captions = capfilt_recipe(root, batch, workers).decoding.num_captions
+    first = result.runs["blip2"][0]
+    ratio = result.ratio("blip2", "one_at_a_time", "images_per_s")
+    report = {"size": size, "device": first["device"], "dtype": first["dtype"], "images": n, "batch": batch,
+              "captions_per_image": captions, "end_bias": end_bias,
+              "mean_caption_tokens": round(first["mean_caption_tokens"], 1), "rounds": rounds,
+              **result.timing("images_per_s"), "ratio_blip2_over_one_at_a_time_best_rounds": round(ratio, 2)}
+    for name in result.runs:
+        best = result.best_run(name, "images_per_s")
+        report[f"{name}_gflop_per_image"] = round(best["gflop_per_image"], 2)
+        report[f"{name}_gflop_per_s_best_round"] = round(best["images_per_s"] * best["gflop_per_image"], 1)
+    return {**report, **result.peaks("peak_gpu_mib")}
 
 
 def main() -> None:
@@ -229,10 +258,12 @@ def main() -> None:
     parser.add_argument("--end-bias", type=float, default=0.0,
                         help="added to the end token's logit so captions end at various lengths, as real ones do "
                              "(0: random weights as they are; their captions run to the maximum length)")
+    add_rounds_argument(parser)
     args = parser.parse_args()
     sizes = ["tiny", "mid"] if args.size == "both" else [args.size]
     for size in sizes:
-        result = measure(size, args.images, args.batch, args.workers, args.device, args.dtype, args.end_bias)
+        result = measure(size, args.images, args.batch, args.workers, args.device, args.dtype, args.end_bias,
+                         args.rounds)
         print(json.dumps(result), flush=True)
 
 

@@ -1,23 +1,24 @@
 """Peak memory while loading a checkpoint from disk, against the size of its weights.
 
 Writes a random BLIP-2 checkpoint (default: the full blip2-opt-2.7b architecture in float16, about
-7.5 GB), then loads it in a fresh process with transformers and with blip2, and reports each peak RSS
-above the process's baseline (after imports) as a multiple of the weights' size. A loader that builds
-on the meta device and adopts the loaded tensors stays near 1.0; one that initialises the model and
-then copies weights in approaches 2.0.
+7.5 GB), then loads it with transformers and with blip2, alternately over ``--rounds`` rounds, each load in a
+fresh process, and reports each side's peak RSS above the process's baseline (after imports) as a multiple of
+the weights' size. Every memory figure is the largest over the rounds (``_max_over_rounds``), with the peak's
+spread across rounds. A loader that builds on the meta device and adopts the loaded tensors stays near 1.0;
+one that initialises the model and then copies weights in approaches 2.0.
 
-    python -m benchmarks.load_memory [--mid] [--dtype float16]
+    python -m benchmarks.load_memory [--mid] [--dtype float16] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import tempfile
 from pathlib import Path
 
 from benchmarks._memory import peak_rss_mib, rss_mib
+from benchmarks._rounds import add_rounds_argument, alternate, spawned
 
 
 def write_checkpoint(path: Path, mid: bool, dtype: str) -> float:
@@ -84,28 +85,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mid", action="store_true", help="a mid-size model instead of blip2-opt-2.7b")
     parser.add_argument("--dtype", default="float16")
+    add_rounds_argument(parser)
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model"
         size = write_checkpoint(path, args.mid, args.dtype)
-        report: dict = {"config": "mid" if args.mid else "blip2-opt-2.7b", "dtype": args.dtype,
-                        "weights_mib": round(size)}
-        for side in ("transformers", "blip2"):
-            queue = ctx.Queue()
-            proc = ctx.Process(target=load_side, args=(side, str(path), args.dtype, queue))
-            proc.start()
-            result = queue.get()
-            proc.join()
-            report[f"{side}_peak_mib"] = round(result["peak_above_baseline_mib"])
-            report[f"{side}_peak_after_touching_every_weight_mib"] = round(result["touched_mib"])
-            report[f"{side}_touched_over_weights"] = round(result["touched_mib"] / size, 3)
-            report[f"{side}_resident_after_mib"] = round(result["resident_after_mib"])
-            report[f"{side}_peak_over_weights"] = round(result["peak_above_baseline_mib"] / size, 3)
-            # the loaded model can be larger than the file: the Q-Former is kept in float32
-            report[f"{side}_peak_over_loaded_model"] = round(
-                result["peak_above_baseline_mib"] / result["resident_after_mib"], 3)
-        report["peak_ratio_blip2_over_transformers"] = round(report["blip2_peak_mib"] / report["transformers_peak_mib"], 3)
+        sides = {side: spawned(load_side, side, str(path), args.dtype) for side in ("transformers", "blip2")}
+        rounds = alternate(sides, args.rounds)
+    report: dict = {"config": "mid" if args.mid else "blip2-opt-2.7b", "dtype": args.dtype, "weights_mib": round(size),
+                    "rounds": args.rounds}
+    for side in rounds.runs:
+        peak, touched, resident = (rounds.peak(side, key) for key in
+                                   ("peak_above_baseline_mib", "touched_mib", "resident_after_mib"))
+        report[f"{side}_peak_mib_max_over_rounds"] = round(peak)
+        report[f"{side}_peak_mib_spread_pct"] = round(rounds.spread_pct(side, "peak_above_baseline_mib"), 1)
+        report[f"{side}_peak_mib_rounds"] = [round(v) for v in rounds.values(side, "peak_above_baseline_mib")]
+        report[f"{side}_peak_after_touching_every_weight_mib_max_over_rounds"] = round(touched)
+        report[f"{side}_touched_over_weights"] = round(touched / size, 3)
+        report[f"{side}_resident_after_mib_max_over_rounds"] = round(resident)
+        report[f"{side}_peak_over_weights"] = round(peak / size, 3)
+        # the loaded model can be larger than the file: the Q-Former is kept in float32 (within each round)
+        report[f"{side}_peak_over_loaded_model_max_over_rounds"] = round(max(
+            p / r for p, r in zip(rounds.values(side, "peak_above_baseline_mib"),
+                                  rounds.values(side, "resident_after_mib"))), 3)
+    report["peak_ratio_blip2_over_transformers"] = round(
+        report["blip2_peak_mib_max_over_rounds"] / report["transformers_peak_mib_max_over_rounds"], 3)
     print(json.dumps(report, indent=2))
 
 

@@ -2,10 +2,12 @@
 
 A mid-size stage-1 model (12-layer 384-wide ViT at 224 px, 6-layer 384-wide Q-Former, 32 queries,
 32 text tokens) trains on a fixed synthetic batch; the plain process takes the global batch on all
-cores, the ZeRO runs take half of it on each of two ranks (gloo on CPU, NCCL on GPUs). Prints
-samples/s, peak RSS per rank and the ratios against the plain process.
+cores, the ZeRO runs take half of it on each of two ranks (gloo on CPU, NCCL on GPUs). The three sides
+(plain, ZeRO-2, ZeRO-3) run alternately over ``--rounds`` rounds, each run a fresh launch. Prints each side's
+best round in samples/s with the spread across rounds, peak RSS per rank (the largest over rounds) and the
+ratios of the best rounds against the plain process.
 
-    python -m benchmarks.train_step [--batch 8] [--steps 5] [--full --device cuda]
+    python -m benchmarks.train_step [--batch 8] [--steps 5] [--full --device cuda] [--rounds 3]
 
 ``--full`` uses the paper's architecture (EVA ViT-g, BERT-base Q-Former) in bf16, for a GPU.
 """
@@ -19,9 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks._memory import peak_rss_mib
+from benchmarks._rounds import add_rounds_argument, alternate
 
 ROOT = Path(__file__).resolve().parents[1]  # on the workers' PYTHONPATH, for ``-m benchmarks.train_step``
 
@@ -101,6 +105,8 @@ def worker(args) -> None:
 
 
 def launch(zero: int, args, result: Path) -> dict:
+    """One run of one side: the plain process, or a DeepSpeed launch of two ranks with ZeRO stage ``zero``."""
+    result.unlink(missing_ok=True)
     worker_args = ["--worker", "--zero", str(zero), "--batch", str(args.batch), "--steps", str(args.steps),
                    "--result", str(result)] + (["--full"] if args.full else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -129,19 +135,21 @@ def main() -> None:
     parser.add_argument("--zero", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    add_rounds_argument(parser)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {name: launch(zero, args, Path(tmp) / f"{name}.json")
-                for name, zero in (("plain", -1), ("zero2", 2), ("zero3", 3))}
-    plain = runs["plain"]["samples_per_s"]
+        def side(name: str, zero: int) -> Callable[[int], dict]:
+            return lambda r: launch(zero, args, Path(tmp) / f"{name}.json")
+
+        rounds = alternate({name: side(name, zero) for name, zero in (("plain", -1), ("zero2", 2), ("zero3", 3))},
+                           args.rounds)
     report = {"config": "full (EVA ViT-g, BERT-base Q-Former)" if args.full else "mid", "global_batch": args.batch,
-              **{f"{k}_samples_per_s": round(v["samples_per_s"], 3) for k, v in runs.items()},
-              **{f"{k}_peak_rss_mib_per_rank": [round(x) for x in v["peak_rss_mib_per_rank"]] for k, v in runs.items()},
-              "zero2_over_plain": round(runs["zero2"]["samples_per_s"] / plain, 3),
-              "zero3_over_plain": round(runs["zero3"]["samples_per_s"] / plain, 3)}
+              "rounds": args.rounds, **rounds.timing("samples_per_s"), **rounds.peaks("peak_rss_mib_per_rank"),
+              **{f"{name}_over_plain_best_rounds": round(rounds.ratio(name, "plain", "samples_per_s"), 3)
+                 for name in ("zero2", "zero3")}}
     print(json.dumps(report, indent=2))
 
 

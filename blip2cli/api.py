@@ -19,6 +19,7 @@ from .models.blip2 import Blip2ImageToText, Blip2Stage1
 from .models.assemble import Checkpoint
 from .models.decoding import Decoding
 from .models.qformer_text import qformer_text
+from .models.sampling import row_seed
 from .models.vision import image_transform
 
 ImageLike = Union[str, os.PathLike, "PIL.Image.Image"]  # noqa: F821
@@ -51,6 +52,11 @@ def _pairs(images: list, one_image: bool, texts: list[str], one_text: bool, what
     if len(images) != len(texts):
         raise Blip2Error(f"{what} pairs images with texts: got {len(images)} images and {len(texts)} texts")
     return images, texts
+
+
+def _image_key(image: ImageLike, index: int) -> str:
+    """What sampling seeds an image's texts from: its path, or for an image in memory its place in the call."""
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"#{index}"
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:
@@ -134,9 +140,13 @@ class Blip2:
         kwargs.setdefault("pad_token_id", self.checkpoint.tokenizer.pad_token_id)
         results: list[Text | None] = [None] * len(items)
         read = partial(self.read_image, max_pixels=max_pixels, exif_transpose=exif_transpose)
+        seed = settings.seed if settings.seed is not None else int(torch.randint(0, 2**31, ()))
         for part in _batches(len(items), max(1, batch_size)):
             readable = self._read_images(items, range(part.start, part.stop), read, on_error)
             if readable:
+                if settings.sample:  # a text's draws depend on the seed and its image (file, or place), not the batch
+                    kwargs["row_seeds"] = torch.tensor([row_seed(seed, _image_key(items[i], i), j) for i in readable
+                                                        for j in range(settings.num_captions or 1)])
                 texts = self._generate_batch(list(readable.values()), [texts_in[i] for i in readable], kwargs)
                 for i, text in zip(readable, self._per_image(texts, settings.num_captions or 1)):
                     results[i] = text
@@ -144,21 +154,34 @@ class Blip2:
 
     def _read_images(self, items: list[ImageLike], indices: range, read: Callable[[ImageLike], Any],
                      on_error: OnError | None) -> dict[int, torch.Tensor]:
-        """Transformed pixels of the readable images among ``items[indices]``, by index."""
+        """Transformed pixels of the readable images among ``items[indices]``, by index. An image given more than
+        once (the same path, or the same PIL image) is read once, and its items share one tensor."""
         pixels: dict[int, torch.Tensor] = {}
+        seen: dict[Any, torch.Tensor | Blip2Error] = {}
         for i in indices:
-            try:
-                pixels[i] = self.transform(read(items[i]))
-            except Blip2Error as e:
-                if on_error is None:
-                    raise
-                on_error(items[i], e)
+            key = os.fspath(items[i]) if isinstance(items[i], (str, os.PathLike)) else id(items[i])
+            if key not in seen:
+                try:
+                    seen[key] = self.transform(read(items[i]))
+                except Blip2Error as e:
+                    if on_error is None:
+                        raise
+                    seen[key] = e
+                    on_error(items[i], e)
+            if isinstance(seen[key], torch.Tensor):
+                pixels[i] = seen[key]
         return pixels
 
     def _generate_batch(self, pixels: list[torch.Tensor], prompts: list[str], kwargs: dict[str, Any]) -> list[str]:
+        """Texts for (image, prompt) pairs; an image shared by several prompts goes through the ViT and the Q-Former
+        once."""
         tok = self.checkpoint.tokenizer
         ids, mask = self._prompt_ids(prompts)
-        out = self.net.generate(torch.stack(pixels).to(self.device, self.dtype), ids, mask, **kwargs)
+        slots: dict[int, int] = {}
+        index = torch.tensor([slots.setdefault(id(p), len(slots)) for p in pixels], device=self.device)
+        unique = list({id(p): p for p in pixels}.values())
+        out = self.net.generate(torch.stack(unique).to(self.device, self.dtype), ids, mask,
+                                image_index=None if len(unique) == len(pixels) else index, **kwargs)
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     @staticmethod

@@ -228,7 +228,8 @@ def said_by(model_dir: Path, images: list[Path]) -> list[str]:
     model = blip2cli.load(str(model_dir), device="cpu", dtype="float32")
     return model.generate(images, [settings.prompt.format(q) for q in QUESTIONS], batch_size=settings.batch_size,
                           num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
-                          min_new_tokens=settings.min_new_tokens, length_penalty=settings.length_penalty)
+                          min_new_tokens=settings.min_new_tokens, length_penalty=settings.length_penalty,
+                          beam_scoring=settings.decoding.beam_scoring)
 
 
 def test_vqav2_zero_shot_runs_and_scores_on_the_prepared_layout(tmp_path, hf_t5):

@@ -23,7 +23,7 @@ import typer
 from ..eval.benchmark import Report, run_captions, run_gqa, run_retrieval, run_vqa
 from ..eval.session import RunOptions
 from ..runtime.errors import PartialFailure
-from .options import (DeviceOpt, DtypeOpt, JsonOpt, LavisLlmOpt, RunsOpt, SetOpt, emit, name_option,
+from .options import (BeamScoringOpt, DeviceOpt, DtypeOpt, JsonOpt, LavisLlmOpt, RunsOpt, SetOpt, emit, name_option,
                       overwrite_option, recipe_option)
 
 app = typer.Typer(help="Evaluate on the paper's benchmarks: run the paper's protocol (--zero-shot) or a model "
@@ -132,7 +132,10 @@ def run_options(params: dict) -> RunOptions:
     """The model-run options of a command, from its parameters (``locals()``); those it lacks keep their defaults."""
     names = {f.name for f in fields(RunOptions)}
     given = {k: v for k, v in params.items() if k in names}
-    return RunOptions(**given, overrides=params.get("set_") or [])
+    overrides = list(params.get("set_") or [])
+    if params.get("beam_scoring"):
+        overrides.append(f"decoding.beam_scoring={params['beam_scoring'].value}")
+    return RunOptions(**given, overrides=overrides)
 
 
 @app.command("vqav2")
@@ -146,6 +149,7 @@ def vqav2(
     model: ModelOpt = None, llm: LavisLlmOpt = None, images: ImagesOpt = None, recipe: RecipeOpt = None,
     set_: SetOpt = None, out: RunsOpt = Path("runs"), name: NameOpt = None, device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto", zero_shot: ZeroShotOpt = False, overwrite: OverwriteOpt = False,
+    beam_scoring: BeamScoringOpt = None,
 ) -> None:
     """VQAv2 accuracy with the official VQA evaluation algorithm (overall, per answer and question type).
 
@@ -171,6 +175,7 @@ def okvqa(
     model: ModelOpt = None, llm: LavisLlmOpt = None, images: ImagesOpt = None, recipe: RecipeOpt = None,
     set_: SetOpt = None, out: RunsOpt = Path("runs"), name: NameOpt = None, device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto", zero_shot: ZeroShotOpt = False, overwrite: OverwriteOpt = False,
+    beam_scoring: BeamScoringOpt = None,
 ) -> None:
     """OK-VQA accuracy: the VQA scorer on the OK-VQA question and annotation files."""
     options = run_options(locals())
@@ -187,6 +192,7 @@ def gqa(
     model: ModelOpt = None, llm: LavisLlmOpt = None, images: ImagesOpt = None, recipe: RecipeOpt = None,
     set_: SetOpt = None, out: RunsOpt = Path("runs"), name: NameOpt = None, device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto", zero_shot: ZeroShotOpt = False, overwrite: OverwriteOpt = False,
+    beam_scoring: BeamScoringOpt = None,
 ) -> None:
     """GQA accuracy: exact match after the VQA answer normalisation of both sides."""
     options = run_options(locals())
@@ -203,7 +209,7 @@ def coco(
     model: ModelOpt = None, llm: LavisLlmOpt = None, images: ImagesOpt = None, items: ItemsOpt = None,
     recipe: RecipeOpt = None, set_: SetOpt = None, out: RunsOpt = Path("runs"), name: NameOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", zero_shot: ZeroShotOpt = False,
-    overwrite: OverwriteOpt = False,
+    overwrite: OverwriteOpt = False, beam_scoring: BeamScoringOpt = None,
 ) -> None:
     """COCO captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr and SPICE as COCOEvalCap computes them.
 
@@ -227,7 +233,7 @@ def nocaps(
     model: ModelOpt = None, llm: LavisLlmOpt = None, images: ImagesOpt = None, items: ItemsOpt = None,
     recipe: RecipeOpt = None, set_: SetOpt = None, out: RunsOpt = Path("runs"), name: NameOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", zero_shot: ZeroShotOpt = False,
-    overwrite: OverwriteOpt = False,
+    overwrite: OverwriteOpt = False, beam_scoring: BeamScoringOpt = None,
 ) -> None:
     """NoCaps captioning: the COCO metrics overall and per subset (in-, near-, out-domain)."""
     options = run_options(locals())

@@ -12,7 +12,7 @@ import typer
 
 from ..runtime.errors import Blip2Error, PartialFailure
 from ..images import MAX_PIXELS
-from .options import DtypeOpt, JsonLinesOpt, LavisLlmOpt, emit
+from .options import BeamScoringOpt, DtypeOpt, JsonLinesOpt, LavisLlmOpt, emit
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -135,8 +135,11 @@ def generate(
         help="Beam length penalty; -1 favours short answers (VQA).")] = None,
     repetition_penalty: Annotated[Optional[float], typer.Option(
         help="Above 1 discourages repeating tokens already generated; 1 is off (default: the model's recipe).")] = None,
+    beam_scoring: BeamScoringOpt = None,
     top_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Nucleus mass when sampling.")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Nucleus sampling instead of beam search.")] = False,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Sampling seed: each text is drawn from (seed, its image's place, its index), whatever the batch.")] = None,
     num_captions: Annotated[int, typer.Option(min=1, help="Texts per image.")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
@@ -171,7 +174,9 @@ def generate(
     blip = load(model, device=device, dtype=dtype, llm=llm, max_pixels=max_pixels, exif_transpose=exif_transpose)
     overrides = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                      length_penalty=length_penalty, repetition_penalty=repetition_penalty, top_p=top_p,
-                     sample=True if sample else None, num_captions=num_captions)
+                     sample=True if sample else None, num_captions=num_captions,
+                     beam_scoring=beam_scoring.value if beam_scoring else None,
+                     seed=seed)
     default_prompt = blip.decoding(**overrides).prompt
     jobs = [(image, default_prompt if p is None else p) for image, p in jobs]
     written = 0

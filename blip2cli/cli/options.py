@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -20,6 +21,16 @@ DtypeOpt = Annotated[str, typer.Option(
 LavisLlmOpt = Annotated[Optional[str], typer.Option(
     help="The LLM of a LAVIS stage-2 .pth (registry name, hub id or directory).")]
 RunsOpt = Annotated[Path, typer.Option(help="Directory that holds the runs: each in <out>/<name>/.")]
+
+
+class BeamScoring(str, Enum):
+    transformers = "transformers"
+    lavis = "lavis"
+
+
+BeamScoringOpt = Annotated[Optional[BeamScoring], typer.Option(
+    help="How beam search ranks finished texts: transformers (5.x, the default of generate) or lavis "
+         "(transformers 4.33 under LAVIS: the paper's numbers; min lengths count the prompt).")]
 
 
 def recipe_option(default: str):

@@ -23,9 +23,10 @@ import torch
 import webdataset as wds
 
 from ..config import checked, from_dict, read_yaml, recipe_path
-from ..models.capfilt_captioner import Captioner, blip_pixels, row_seed
+from ..models.capfilt_captioner import Captioner, blip_pixels
 from ..models.clip_ranker import Ranker
 from ..models.decoding import Decoding, flat_key, holds_decoding
+from ..models.sampling import row_seed
 from ..runtime import dist
 from ..runtime.devices import rank_device, resolve_dtype
 from ..runtime.errors import Blip2Error

@@ -42,6 +42,7 @@ class GenerationEval:
     length_penalty: float | None = flat_key()
     decoder_only_length_penalty: float | None = flat_key()
     repetition_penalty: float | None = flat_key()
+    beam_scoring: str | None = flat_key()
 
     def __post_init__(self) -> None:
         if self.generation:
@@ -51,8 +52,11 @@ class GenerationEval:
         """What of these settings shapes the predictions: the prompt and decoding (not the batch size, the
         scorer's lemmatiser or the zero-shot protocol's files, which the provenance records otherwise)."""
         recorded = {name: getattr(self.decoding, name) for name in PROVENANCE}
-        unused = () if self.decoding.sample else ("top_p", "top_k")  # nucleus settings shape only sampling
-        return {**recorded, **{k: v for k, v in self.decoding.given().items() if k not in PROVENANCE + unused}}
+        unused = () if self.decoding.sample else ("top_p", "top_k", "seed")  # they shape only sampling
+        others = {k: v for k, v in self.decoding.given().items() if k not in PROVENANCE + unused}
+        if others.get("beam_scoring") == "transformers":  # how runs made before the setting decoded
+            del others["beam_scoring"]
+        return {**recorded, **others}
 
 
 class _Images:
@@ -62,20 +66,24 @@ class _Images:
         self.on_skip, self.bad = on_skip, set()
 
     def open(self, batch: list[Item]) -> dict[int, Any]:
-        """The images that opened, by their item's position in ``batch``."""
+        """The images that opened, by their item's position in ``batch``; items of one image share its one opening
+        (and so its one pass through the ViT and Q-Former)."""
         from ..images import open_rgb
 
-        opened = {}
+        opened, by_path = {}, {}
         for i, it in enumerate(batch):
             if it.image in self.bad:
                 continue
-            try:
-                opened[i] = open_rgb(it.image)
-            except Blip2Error as e:
-                if self.on_skip is None:
-                    raise
-                self.bad.add(it.image)
-                self.on_skip(str(e))
+            if it.image not in by_path:
+                try:
+                    by_path[it.image] = open_rgb(it.image)
+                except Blip2Error as e:
+                    if self.on_skip is None:
+                        raise
+                    self.bad.add(it.image)
+                    self.on_skip(str(e))
+                    continue
+            opened[i] = by_path[it.image]
         return opened
 
 
@@ -106,5 +114,6 @@ def predict(model, items: list[Item], settings: GenerationEval, out: Path, key: 
 
     share = len(items[dist.rank()::dist.world_size()])
     with progress(f"rank {dist.rank()}" if dist.world_size() > 1 else "evaluating", total=share) as advance:
-        run_sharded(items, run, out, key, field, settings.batch_size, advance if show_progress else lambda n: None)
+        run_sharded(items, run, out, key, field, settings.batch_size, advance if show_progress else lambda n: None,
+                    group=lambda it: str(it.image))
     return out / "predictions.json"

@@ -46,10 +46,13 @@ def _done(path: Path, key: str) -> set:
 
 
 def run_sharded(items: Sequence[Item], predict: Callable[[list[Item]], list[str | None]], out: Path, key: str,
-                field: str, batch_size: int, progress: Callable[[int], None] = lambda n: None) -> list[dict]:
+                field: str, batch_size: int, progress: Callable[[int], None] = lambda n: None,
+                group: Callable[[Item], Any] | None = None) -> list[dict]:
     """Predict every item (this rank's share), then return the merged predictions (on every rank).
 
     An item ``predict`` answers with None (its image could not be read) is not written: a rerun tries it again.
+    ``group``: items with the same key are predicted in the same batches where they fit (the questions of one
+    image: its image pass is shared); the predictions file keeps the items' order.
     """
     rank, world = dist.rank(), dist.world_size()
     out.mkdir(parents=True, exist_ok=True)
@@ -57,6 +60,9 @@ def run_sharded(items: Sequence[Item], predict: Callable[[list[Item]], list[str 
     shard = out / f"predictions.rank{rank:03d}.jsonl"
     done = _done(shard, key)
     todo = [it for it in mine if it.id not in done]
+    if group is not None:
+        first: dict[Any, int] = {}
+        todo.sort(key=lambda it: first.setdefault(group(it), len(first)))
     progress(len(mine) - len(todo))
     with open(shard, "a") as f:
         for start in range(0, len(todo), batch_size):

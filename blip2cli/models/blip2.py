@@ -132,8 +132,13 @@ class Blip2ImageToText(Blip2Base):
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 **decoding: Any) -> torch.Tensor:
-        return self.language_model.generate(self.soft_prompts(pixel_values), input_ids, attention_mask,
+                 image_index: torch.Tensor | None = None, **decoding: Any) -> torch.Tensor:
+        """New token ids for each prompt (see ``LanguageModel.generate``). ``image_index``: the image of each prompt,
+        when images are shared by several prompts (each image then goes through the ViT and Q-Former once)."""
+        soft_prompts = self.soft_prompts(pixel_values)
+        if image_index is not None:
+            soft_prompts = soft_prompts[image_index]
+        return self.language_model.generate(soft_prompts, input_ids, attention_mask,
                                             placeholder_id=self.config.image_token_id, **decoding)
 
     def frozen_modules(self) -> list[nn.Module]:

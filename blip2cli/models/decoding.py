@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..runtime.errors import Blip2Error
+from .search import SCORINGS
 
 
 @dataclass
@@ -33,6 +34,11 @@ class Decoding:
     top_k: int | None = None  # the best tokens sampling starts from (0: all)
     sample: bool | None = None  # nucleus sampling instead of beam search
     num_captions: int | None = None  # texts per image
+    # how beam search ranks finished texts: "transformers" (transformers 5.x: log-prob sum over the generated
+    # tokens, EOS included, ** length_penalty) or "lavis" (transformers 4.26-4.33, which LAVIS ran for the paper's
+    # numbers: over the whole hypothesis, BOS and prompt included, EOS excluded; min lengths count the prompt)
+    beam_scoring: str | None = None
+    seed: int | None = None  # sampling: texts are drawn from (seed, image, text index); None: from torch's RNG
 
     def given(self) -> dict[str, Any]:
         """The fields that are set."""
@@ -66,7 +72,12 @@ class Decoding:
         kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens,
                               "repetition_penalty": self.repetition_penalty,
                               "num_return_sequences": self.num_captions, "num_beams": self.num_beams}
+        if self.beam_scoring is not None and self.beam_scoring not in SCORINGS:
+            raise Blip2Error(f"unknown beam scoring {self.beam_scoring!r}: expected {' or '.join(SCORINGS)}")
+        kw["beam_scoring"] = self.beam_scoring
         if self.sample:
+            if (self.num_beams or 1) != 1:
+                raise Blip2Error(f"sampling draws each text on its own: --num-beams 1, not {self.num_beams}")
             kw.update(do_sample=True, top_p=self.top_p, top_k=self.top_k)
         else:
             if (self.num_captions or 1) > (self.num_beams or 1):

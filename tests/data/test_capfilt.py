@@ -19,8 +19,8 @@ import torch
 import webdataset as wds
 
 from blip2cli.data.capfilt import CapFiltRecipe, read_samples, run_capfilt
-from blip2cli.models.capfilt_captioner import (Captioner, NucleusSampler, row_seed, shared_image_cross_attention,
-                                               strip_prompt, uniform_at)
+from blip2cli.models.capfilt_captioner import Captioner, shared_image_cross_attention, strip_prompt
+from blip2cli.models.sampling import NucleusSampler, row_seed, uniform_at
 from blip2cli.models.clip_ranker import Ranker
 from blip2cli.runtime.errors import Blip2Error
 

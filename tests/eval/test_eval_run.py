@@ -34,7 +34,7 @@ def vqa(tmp_path, hf_opt):
     model = blip2cli.load(str(hf_opt), device="cpu", dtype="float32")
     items = vqa_items(tmp_path / "q.json", root)
     said = model.generate([it.image for it in items], [f"Question: {it.text} Short answer:" for it in items],
-                          num_beams=2, max_new_tokens=3, min_new_tokens=1, length_penalty=0.0)
+                          num_beams=2, max_new_tokens=3, min_new_tokens=1, length_penalty=0.0, beam_scoring="lavis")
     annotations = {"annotations": [
         {"question_id": it.id, "image_id": 1, "answer_type": "other", "question_type": "what",
          "answers": [{"answer": said[i] if i < 2 else "zebra", "answer_id": k + 1} for k in range(10)]}
@@ -181,3 +181,32 @@ def test_test_dev_without_annotations_writes_predictions_for_the_server(vqa, hf_
     preds = json.loads(Path(out["predictions"]).read_text())
     assert [p["answer"] for p in preds] == said and "predictions only" in proc.stderr
     assert not (tmp / "runs" / "dev" / "metrics.json").exists()
+
+
+def test_questions_of_one_image_share_its_image_pass(tmp_path, hf_opt):
+    """Questions are batched by image, so that each image goes through the ViT once, and the predictions file is
+    what answering one question at a time gives, in the questions' order."""
+    from blip2cli.eval.runner import Item
+    from blip2cli.models.decoding import Decoding
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        tiny.draw_image(i).save(paths[-1])
+    items = [Item(id=200 + i, image=paths[i % 3], text=QUESTIONS[i % len(QUESTIONS)]) for i in range(8)]
+    model = blip2cli.load(str(hf_opt), device="cpu", dtype="float32")
+    settings = GenerationEval(batch_size=16, generation="vqa",
+                              decoding=Decoding(num_beams=3, max_new_tokens=4, beam_scoring="lavis"))
+    vit_rows = []
+    hook = model.net.vision.register_forward_hook(lambda m, args, out: vit_rows.append(args[0].shape[0]))
+    try:
+        preds = json.loads(predict(model, items, settings, tmp_path / "run", "question_id", "answer",
+                                   show_progress=False).read_text())
+    finally:
+        hook.remove()
+    assert vit_rows == [3]  # eight questions, three images, one pass each
+    assert [p["question_id"] for p in preds] == [it.id for it in items]
+    decoding = {k: v for k, v in settings.decoding.given().items() if k != "prompt"}
+    alone = [model.generate([it.image], [settings.decoding.prompt.format(it.text)], **decoding)[0] for it in items]
+    assert [p["answer"] for p in preds] == alone
+    assert len(set(alone)) > 1
