@@ -102,6 +102,7 @@ def recipe_schema(name: str):
     group, stem = name.split("/", 1)
     return {
         "pretrain": PretrainRecipe,
+        "finetune": PretrainRecipe,
         "tiny": PretrainRecipe,
         "generate": Decoding,
         "eval": RetrievalEval if stem in ("flickr30k", "coco-retrieval") else GenerationEval,

@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - older typer on the real click
 
 from ..runtime.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, Blip2Error
 from . import eval as eval_cmd
-from . import generate, models, prepare, pretrain
+from . import finetune, generate, models, prepare, pretrain
 
 app = typer.Typer(
     name="blip2",
@@ -45,6 +45,7 @@ app.command("generate", no_args_is_help=True)(generate.generate)
 app.command("models")(models.list_models)
 app.command("convert", no_args_is_help=True)(models.convert)
 app.add_typer(pretrain.app, name="pretrain")
+app.add_typer(finetune.app, name="finetune")
 app.add_typer(eval_cmd.app, name="eval")
 app.add_typer(prepare.app, name="prepare")
 

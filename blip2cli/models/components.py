@@ -69,10 +69,16 @@ def tower_state(raw: dict[str, torch.Tensor], cfg: VisionConfig, what: str) -> d
         if key in head_keys:
             continue  # the final norm / head the penultimate-layer tower has no use for
         out[f"vision.trunk.{key}"] = value
-    pos_key = "vision.trunk.pos_embed" if cfg.kind == "eva" else "vision.trunk.positional_embedding"
-    if pos_key in out and out[pos_key].shape[-2] != cfg.num_tokens:
-        out[pos_key] = resample_pos(out[pos_key], cfg, what)
-    return out
+    return with_positions_for(out, cfg, what)
+
+
+def with_positions_for(state: dict[str, torch.Tensor], cfg: VisionConfig, what: str) -> dict[str, torch.Tensor]:
+    """A network state whose tower positions (if it has them) fit ``cfg``'s image size, resampled where they do
+    not (the state is changed in place and returned)."""
+    key = "vision.trunk.pos_embed" if cfg.kind == "eva" else "vision.trunk.positional_embedding"
+    if key in state and state[key].shape[-2] != cfg.num_tokens:
+        state[key] = resample_pos(state[key], cfg, what)
+    return state
 
 
 def resample_pos(pos: torch.Tensor, cfg: VisionConfig, what: str) -> torch.Tensor:
@@ -81,7 +87,9 @@ def resample_pos(pos: torch.Tensor, cfg: VisionConfig, what: str) -> torch.Tenso
 
     squeeze = pos.dim() == 2
     grid = cfg.image_size // cfg.patch_size
-    out = resample_abs_pos_embed(pos.unsqueeze(0) if squeeze else pos, (grid, grid), num_prefix_tokens=1)
+    # no antialiasing: its bicubic kernel (PIL's, a = -0.5) is not the one LAVIS resamples with (a = -0.75)
+    out = resample_abs_pos_embed(pos.unsqueeze(0) if squeeze else pos, (grid, grid), num_prefix_tokens=1,
+                                 antialias=False)
     return out[0] if squeeze else out
 
 

@@ -147,6 +147,43 @@ def build_stage2(recipe: PretrainRecipe, init: str, run_root: Path) -> tuple[Sta
     return task, Checkpoint(net, cfg, tok, None, "caption", "stage2", sources)
 
 
+def build_caption(recipe: PretrainRecipe, init: str, llm: str | None = None) -> tuple[Stage2Task, Checkpoint]:
+    """A caption fine-tune of a stage-2 model: its LLM frozen (kept by reference), its ViT (by value, float32, its
+    positions resampled to the recipe's image size), ``ln_vision``, Q-Former and projection trained. ``llm``: the
+    LLM of a LAVIS stage-2 ``.pth``."""
+    from ..models.components import with_positions_for
+    from ..models.resolve import load_checkpoint
+
+    m = recipe.model
+    if not init:
+        raise Blip2Error("a caption fine-tune starts from a stage-2 model: pass --init (blip2-opt-2.7b, a LAVIS "
+                         "stage-2 .pth with --llm, or runs/<stage2 run>/latest)")
+    start = load_checkpoint(init, llm=llm, dtype=torch.float32)
+    if not isinstance(start.net, Blip2ImageToText):
+        raise Blip2Error(f"--init {init}: not a stage-2 (image-to-text) model; a caption fine-tune starts from one")
+    vision = replace(start.config.vision, image_size=m.image_size)
+    if m.image_size % vision.patch_size:
+        raise Blip2Error(f"model.image_size {m.image_size}: not a multiple of the tower's patch size "
+                         f"{vision.patch_size}")
+    cfg = replace(start.config, vision=vision)
+    state = with_positions_for(start.net.state_dict(), vision, f"--init {init}")
+    lm = start.net.language_model.model
+    net = Blip2ImageToText(cfg, language_model=lm)
+    _load_partial(net, state, f"--init {init}", may_miss=())
+    freeze([net.language_model], dtype_of(m.frozen_dtype))
+    if m.train_vision:
+        net.vision.requires_grad_(True)
+        if m.vision_grad_checkpointing:
+            net.vision.set_grad_checkpointing(True)
+    else:
+        freeze([net.vision], dtype_of(m.frozen_dtype))
+    task = Stage2Task(net, start.tokenizer, replace(recipe.stage2, seed=recipe.train.seed))
+    sources = {k: v for k, v in start.frozen_sources.items() if k == "language_model"}
+    if not m.train_vision and "vision" in start.frozen_sources:
+        sources["vision"] = start.frozen_sources["vision"]
+    return task, Checkpoint(net, cfg, start.tokenizer, None, "caption-coco", "caption", sources)
+
+
 def _query_path(key: str) -> bool:
     """Q-Former weights stage 2 keeps: everything but the text embeddings, text FFNs and ITG head."""
     return not any(part in key for part in (".embeddings.", ".text_ffn.", ".lm_head."))

@@ -44,16 +44,18 @@ def check_agrees(stage: str, recipe_name: str, spec, choice: str | None) -> None
                          f"model.{field} {shown}: drop one of them (or --set model.{field}={choice})")
 
 
-def check_init(init: str | None) -> None:
-    """Stage 2 starts from a stage-1 run: a missing local one is named before any model loads."""
+def check_init(init: str | None, stage: str = "stage2") -> None:
+    """Stage 2 starts from a stage-1 run, a fine-tune from a stage-2 model: a missing local one is named before any
+    model loads."""
+    before, maker = ("stage-2", "pretrain stage2") if stage == "caption" else ("stage-1", "pretrain stage1")
     if not init:
-        raise Blip2Error("stage 2 starts from a stage-1 checkpoint: pass --init RUN_DIR (a `blip2 pretrain stage1` "
-                         "run) or a stage-1 model name")
+        raise Blip2Error(f"{'a caption fine-tune' if stage == 'caption' else 'stage 2'} starts from a {before} "
+                         f"checkpoint: pass --init RUN_DIR (a `blip2 {maker}` run) or a {before} model name")
     path = Path(init).expanduser()
     in_a_dir = path.parent != Path(".") and path.parent.is_dir()  # runs/x is a path; Salesforce/x a hub id
     local = init.count("/") > 1 or init.startswith((".", "/", "~")) or in_a_dir
     if local and not path.exists():
-        raise Blip2Error(f"--init {init}: no such run directory or checkpoint; `blip2 pretrain stage1` writes one "
+        raise Blip2Error(f"--init {init}: no such run directory or checkpoint; `blip2 {maker}` writes one "
                          "(runs/<name>/, its latest checkpoint under runs/<name>/latest)")
 
 

@@ -54,7 +54,7 @@ class Engine(Protocol):
 
 def _optimizer(task: nn.Module, recipe: PretrainRecipe) -> torch.optim.Optimizer:
     o = recipe.optim
-    groups = param_groups(task, o.weight_decay, o.decay_temp_and_queries)
+    groups = param_groups(task, o.weight_decay, o.decay_temp_and_queries, o.vision_layer_decay or 1.0)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
@@ -85,7 +85,7 @@ class TorchEngine:
 
     def train_batch(self, batches: list[dict[str, Any]], step: int, lr: float) -> dict[str, float]:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.task.train()
         self.optimizer.zero_grad(set_to_none=True)
         outs = []
@@ -147,7 +147,7 @@ class DeepSpeedEngine:
 
     def train_batch(self, batches: list[dict[str, Any]], step: int, lr: float) -> dict[str, float]:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.engine.train()
         outs = []
         for batch in batches:

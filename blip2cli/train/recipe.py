@@ -1,4 +1,5 @@
-"""The pretraining recipe schema. Recipes (``recipes/pretrain``, ``tiny``) hold the numbers."""
+"""The training recipe schema: pretraining (``recipes/pretrain``) and fine-tuning (``recipes/finetune``), and their
+``tiny`` versions. Recipes hold the numbers."""
 
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ class ModelRecipe:
     # stage 2: registry LLM, hub id or directory; "tiny" pretrains a small LM on the captions (``tiny_llm``)
     llm: str = ""
     tiny_llm: TinyLLM | None = None
+    # fine-tuning: the ViT is trained too (kept in float32; the step autocasts), its positions resampled to
+    # image_size when the --init model was trained at another size
+    train_vision: bool | None = None  # unset: frozen (pretraining never trains it)
+    vision_grad_checkpointing: bool | None = None  # a trained ViT recomputes its blocks' activations in backward
 
 
 @dataclass
@@ -97,11 +102,13 @@ class OptimRecipe:
     min_lr: float = checked(ge=0)
     warmup_lr: float = checked(ge=0)
     warmup_steps: int = checked(ge=0)
+    betas: list[float] = checked(ge=0, lt=1)  # pretraining: the paper's (0.9, 0.98), where LAVIS runs 0.999
     weight_decay: float = checked(0.05, ge=0)
-    betas: list[float] = checked(default_factory=lambda: [0.9, 0.98], ge=0, lt=1)  # paper; LAVIS runs 0.999
     eps: float = checked(1e-8, gt=0)
     # LAVIS decays the temperature and the query tokens too; by default they are left undecayed here.
     decay_temp_and_queries: bool = False
+    # layer-wise learning-rate decay of a trained ViT: block i of d at lr x decay^(d - i), embeddings deepest
+    vision_layer_decay: float | None = checked(None, gt=0, le=1)  # unset: none (1)
 
 
 @dataclass
@@ -129,9 +136,10 @@ _STAGE2 = ("stage2",)
 
 @dataclass
 class PretrainRecipe:
-    """A pretraining recipe (``recipes/pretrain/``, ``recipes/tiny/``): model, data, optimiser, training."""
+    """A training recipe (``recipes/pretrain/``, ``recipes/finetune/``, ``recipes/tiny/``): model, data, optimiser,
+    training."""
 
-    stage: str = checked(choices=("stage1", "stage2"))
+    stage: str = checked(choices=("stage1", "stage2", "caption"))  # caption: fine-tuning a stage-2 model
     model: ModelRecipe
     data: DataRecipe
     optim: OptimRecipe
@@ -143,6 +151,8 @@ class PretrainRecipe:
         if not self.data.sources:
             raise Blip2Error("data.sources is empty: name at least one dataset")
         missing = [name for name in (_STAGE1 if self.stage == "stage1" else _STAGE2) if _get(self, name) is None]
+        if self.stage == "caption" and self.model.llm:
+            raise Blip2Error("a caption fine-tune keeps the LLM of its --init model: leave model.llm empty")
         if self.stage == "stage2" and self.model.llm == "tiny" and self.model.tiny_llm is None:
             missing.append("model.tiny_llm")
         if any(s.kind == "webdataset" for s in self.data.sources) and self.data.shuffle_buffer is None:

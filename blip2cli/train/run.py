@@ -45,8 +45,26 @@ def pretrain(stage: str, recipe: str | None = None, choice: str | None = None, o
     return train(stage, spec, out / (name or default_name(recipe_name)), out, resume, init, overwrite)
 
 
+def finetune(task: str, recipe: str | None = None, overrides: list[str] | None = None, out: Path = Path("runs"),
+             name: str | None = None, resume: str = "auto", init: str | None = None, llm: str | None = None,
+             overwrite: bool = False) -> Pretrained | None:
+    """Fine-tune ``init`` for ``task`` (caption) with ``recipe`` (default: the paper's COCO recipe), ``overrides``
+    applied, in ``out/name``. The recipe's data is checked before anything is built; ``llm`` names the LLM of a
+    LAVIS stage-2 ``.pth``. See ``train`` for what it returns."""
+    from ..config import load_recipe
+    from .checks import recipe_name
+
+    name_of_recipe = recipe_name(recipe, task) if recipe else f"finetune/{task}_coco_opt-2.7b"
+    spec = load_recipe(PretrainRecipe, name_of_recipe, overrides or [])
+    if spec.stage != task:
+        raise Blip2Error(f"recipe {name_of_recipe} is a {spec.stage} recipe, not a {task} fine-tune")
+    check_data(name_of_recipe, spec)
+    check_init(init, task)
+    return train(task, spec, out / (name or default_name(name_of_recipe)), out, resume, init, overwrite, llm)
+
+
 def train(stage: str, spec: PretrainRecipe, run_dir: Path, out: Path, resume: str = "auto", init: str | None = None,
-          overwrite: bool = False) -> Pretrained | None:
+          overwrite: bool = False, llm: str | None = None) -> Pretrained | None:
     """Train a checked recipe in ``run_dir`` (in one process, or as one rank under a launcher). Returns, on
     rank 0, the last checkpoint and any samples written; None on other ranks or when nothing was saved."""
     from ..runtime import dist
@@ -59,13 +77,15 @@ def train(stage: str, spec: PretrainRecipe, run_dir: Path, out: Path, resume: st
     start = loop.prepare(run_dir, resume, overwrite)  # lock the run directory, choose the checkpoint
     if stage == "stage1":
         task, ckpt = build.build_stage1(spec)
+    elif stage == "caption":
+        task, ckpt = build.build_caption(spec, init or "", llm)
     else:
         task, ckpt = build.build_stage2(spec, init or "", out)
     last = loop.run(spec, task, ckpt, start, device)
     if dist.rank() != 0 or last is None:
         return None
     samples = None
-    if stage == "stage2" and any(s.kind == "shapes" for s in spec.data.sources):
+    if stage in ("stage2", "caption") and any(s.kind == "shapes" for s in spec.data.sources):
         from ..data.synthetic import write_samples
 
         samples = write_samples(run_dir, spec.model.image_size)

@@ -37,6 +37,9 @@ class Stage2Loss:
     max_txt_len: int | None = None  # LLM tokens per caption, its prompt included (unset: captions are not cut)
     prompt: str = ""  # prepended to every caption and never a target (its BOS included)
     seed: int = 0  # prefix-LM split points
+    # encoder-decoder LLMs: the prompt alone in the encoder and the whole caption the decoder's target, as the
+    # authors fine-tune Flan-T5 on COCO (unset: stage 2's prefix LM, each caption split at a random word)
+    whole_caption: bool | None = None
 
 
 class Stage1Task(nn.Module):
@@ -103,7 +106,8 @@ class Stage2Task(nn.Module):
 
     Decoder-only: ``[soft prompts][BOS][prompt][caption]\\n`` with only the caption and its newline as
     targets. Encoder-decoder: the caption split into a prefix (encoder, after the soft prompts) and a
-    suffix (decoder target), the prefix-LM loss of the paper.
+    suffix (decoder target), the prefix-LM loss of the paper; or, with ``whole_caption``, the prompt in the
+    encoder and the whole caption the target (caption fine-tuning).
     """
 
     def __init__(self, net: Blip2ImageToText, tokenizer: Any, settings: Stage2Loss) -> None:
@@ -133,7 +137,10 @@ class Stage2Task(nn.Module):
     def prefix_lm_inputs(self, captions: list[str], step: int, device):
         """Encoder ids/mask from the prefixes and decoder labels from the suffixes."""
         s = self.settings
-        splits = [losses.prefix_split(c, random.Random(f"{s.seed}-{step}-{c}")) for c in captions]
+        if s.whole_caption:
+            splits = [("", c) for c in captions]
+        else:
+            splits = [losses.prefix_split(c, random.Random(f"{s.seed}-{step}-{c}")) for c in captions]
         self.tokenizer.padding_side = "right"
         enc_ids, enc_mask = self._encode([s.prompt + p if s.prompt else p for p, _ in splits], device)
         dec_ids, dec_mask = self._encode([x for _, x in splits], device)

@@ -117,3 +117,48 @@ def test_image_transform_equals_transformers_pil_processor():
     expected = np.stack(proc(images, return_tensors="np")["pixel_values"])
     got = torch.stack([image_transform(24)(im) for im in images]).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+
+
+def lavis_interpolate_pos_embed(pos: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """LAVIS's ``interpolate_pos_embed`` (from BEiT/DeiT), written out: the CLS position kept, the patch grid
+    resampled bicubically (``align_corners=False``, no antialiasing)."""
+    width = pos.shape[-1]
+    old, new = int((pos.shape[-2] - 1) ** 0.5), int((new_tokens - 1) ** 0.5)
+    grid = pos[:, 1:].reshape(-1, old, old, width).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+def test_position_embeddings_resample_as_lavis_for_fine_tuning_sizes():
+    """A 224-px tower's positions at the fine-tuning sizes (364 px for captioning and retrieval, 490 for VQA) and
+    back, as LAVIS resamples them."""
+    from blip2cli.models.components import resample_pos
+
+    torch.manual_seed(0)
+    pos = torch.randn(1, 16 * 16 + 1, 32)
+    for size in (364, 490, 224, 112):
+        cfg = VisionConfig(image_size=size, patch_size=14, width=32)
+        got = resample_pos(pos, cfg, "test")
+        assert got.shape == (1, cfg.num_tokens, 32)
+        torch.testing.assert_close(got, lavis_interpolate_pos_embed(pos, cfg.num_tokens), atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """A trained tower that recomputes its blocks in backward gives the gradients of one that keeps them."""
+    torch.manual_seed(0)
+    cfg = VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=4, mlp_dim=64)
+    grads, block_runs = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        tower = VisionTower(cfg).train()
+        tower.set_grad_checkpointing(checkpointing)
+        runs = []
+        tower.trunk.blocks[0].register_forward_pre_hook(lambda *args: runs.append(1))
+        pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        tower(pixels).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in tower.named_parameters() if p.grad is not None})
+        block_runs.append(len(runs))
+    assert block_runs == [1, 2]  # recomputed in backward only with checkpointing
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)

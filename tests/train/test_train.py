@@ -69,6 +69,51 @@ def test_parameter_groups():
     assert {"net.temp", "net.qformer.query_tokens"} <= {names[id(p)] for p in lavis_style[0]["params"]}
 
 
+def test_vision_layer_decay_gives_each_block_its_rate():
+    """With the ViT trained and a layer decay d, block i of n learns at lr x d^(n - i) and the embeddings at
+    lr x d^(n + 1), in the optimiser the engine builds and after its step sets the rate; the rest at lr."""
+    from dataclasses import replace
+
+    from blip2cli.train.build import build_stage1
+    from blip2cli.train.engine import TorchEngine
+
+    recipe = load_recipe(PretrainRecipe, "tiny/stage1")
+    recipe = replace(recipe, optim=replace(recipe.optim, vision_layer_decay=0.8))
+    task, _ = build_stage1(recipe)
+    task.net.vision.requires_grad_(True)
+    depth = len(task.net.vision.trunk.blocks)
+    engine = TorchEngine(task, recipe, torch.device("cpu"))
+    batch = next(iter(tiny_stage1_batches(task, recipe)))
+    engine.train_batch([batch], step=0, lr=0.5)
+    rate = {id(p): group["lr"] for group in engine.optimizer.param_groups for p in group["params"]}
+    named = dict(task.named_parameters())
+    for i in range(depth):
+        assert rate[id(named[f"net.vision.trunk.blocks.{i}.mlp.fc1.weight"])] == pytest.approx(0.5 * 0.8 ** (depth - i))
+        assert rate[id(named[f"net.vision.trunk.blocks.{i}.norm1.bias"])] == pytest.approx(0.5 * 0.8 ** (depth - i))
+    for stem in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
+        assert rate[id(named[f"net.vision.trunk.{stem}"])] == pytest.approx(0.5 * 0.8 ** (depth + 1))
+    assert rate[id(named["net.qformer.layers.0.self_attn.query.weight"])] == 0.5
+    assert rate[id(named["net.ln_vision.weight"])] == 0.5
+    decayed = {id(p) for g in engine.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(named["net.vision.trunk.blocks.0.mlp.fc1.weight"]) in decayed
+    assert id(named["net.vision.trunk.blocks.0.mlp.fc1.bias"]) not in decayed
+
+
+def tiny_stage1_batches(task, recipe):
+    """One small stage-1 batch of the shapes set (images and captions)."""
+    import random
+
+    from blip2cli.data.synthetic import caption, render_shape
+    from blip2cli.models.vision import image_transform
+
+    size = task.net.config.vision.image_size
+    transform = image_transform(size)
+    scenes = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
+    rng = random.Random(0)
+    images = torch.stack([transform(render_shape(colour, shape, size, rng)) for colour, shape in scenes])
+    yield {"image": images, "text": [caption(colour, shape) for colour, shape in scenes]}
+
+
 def test_full_size_trainable_parameters():
     from dataclasses import replace
 
