@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from ..models.assemble import Checkpoint
 from ..models.components import TOWERS, load_llm, load_qformer_tokenizer, registry_tower_raw, tower_state
 from ..models.hub import local_dir_for
 from ..models.weights import few_keys, read_safetensors_dir
-from ..models.blip2 import Blip2Config, Blip2ImageToText, Blip2Stage1
+from ..models.blip2 import Blip2Base, Blip2Config, Blip2ImageToText, Blip2Stage1
 from ..models.llm import build_language_model
 from ..models.vision import VisionConfig
 from ..runtime import dist
@@ -147,41 +148,86 @@ def build_stage2(recipe: PretrainRecipe, init: str, run_root: Path) -> tuple[Sta
     return task, Checkpoint(net, cfg, tok, None, "caption", "stage2", sources)
 
 
-def build_caption(recipe: PretrainRecipe, init: str, llm: str | None = None) -> tuple[Stage2Task, Checkpoint]:
-    """A caption fine-tune of a stage-2 model: its LLM frozen (kept by reference), its ViT (by value, float32, its
-    positions resampled to the recipe's image size), ``ln_vision``, Q-Former and projection trained. ``llm``: the
-    LLM of a LAVIS stage-2 ``.pth``."""
+# changes a fine-tune makes to the network it starts from: (config, weights, loaded checkpoint) -> (config, weights)
+Adapt = Callable[[Blip2Config, dict[str, torch.Tensor], Checkpoint], tuple[Blip2Config, dict[str, torch.Tensor]]]
+
+
+def fine_tune_start(recipe: PretrainRecipe, init: str, kind: type[Blip2Base], needs: str, llm: str | None = None,
+                     max_txt_len: int | None = None, adapt: Adapt | None = None
+                     ) -> tuple[Blip2Base, Checkpoint, dict[str, str]]:
+    """What a fine-tune starts from: ``init`` loaded in float32 (refused in one line ending in ``needs`` unless it is
+    a ``kind`` model), rebuilt at ``model.image_size`` with its tower positions resampled (and the Q-Former reading
+    ``max_txt_len`` tokens, when given), its ViT trained in float32 or frozen as the recipe says. Returns the network,
+    the loaded checkpoint (its tokenizers and frozen sources) and ``{"vision": source}`` when the frozen ViT is
+    kept by reference (empty when it is trained: the fine-tuned ViT is saved by value)."""
     from ..models.components import with_positions_for
     from ..models.resolve import load_checkpoint
 
     m = recipe.model
-    if not init:
-        raise Blip2Error("a caption fine-tune starts from a stage-2 model: pass --init (blip2-opt-2.7b, a LAVIS "
-                         "stage-2 .pth with --llm, or runs/<stage2 run>/latest)")
     start = load_checkpoint(init, llm=llm, dtype=torch.float32)
-    if not isinstance(start.net, Blip2ImageToText):
-        raise Blip2Error(f"--init {init}: not a stage-2 (image-to-text) model; a caption fine-tune starts from one")
+    if not isinstance(start.net, kind):
+        raise Blip2Error(f"--init {init}: {needs}")
     vision = replace(start.config.vision, image_size=m.image_size)
     if m.image_size % vision.patch_size:
         raise Blip2Error(f"model.image_size {m.image_size}: not a multiple of the tower's patch size "
                          f"{vision.patch_size}")
-    cfg = replace(start.config, vision=vision)
+    qformer = start.config.qformer
+    if max_txt_len is not None:
+        if max_txt_len > qformer.max_position_embeddings:
+            raise Blip2Error(f"stage1.max_txt_len {max_txt_len}: the Q-Former of --init {init} has "
+                             f"{qformer.max_position_embeddings} text positions")
+        qformer = replace(qformer, max_txt_len=max_txt_len)
+    cfg = replace(start.config, vision=vision, qformer=qformer)
     state = with_positions_for(start.net.state_dict(), vision, f"--init {init}")
-    lm = start.net.language_model.model
-    net = Blip2ImageToText(cfg, language_model=lm)
+    if adapt is not None:
+        cfg, state = adapt(cfg, state, start)
+    extra = {"language_model": start.net.language_model.model} if isinstance(start.net, Blip2ImageToText) else {}
+    net = type(start.net)(cfg, **extra)
     _load_partial(net, state, f"--init {init}", may_miss=())
-    freeze([net.language_model], dtype_of(m.frozen_dtype))
     if m.train_vision:
         net.vision.requires_grad_(True)
         if m.vision_grad_checkpointing:
             net.vision.set_grad_checkpointing(True)
     else:
         freeze([net.vision], dtype_of(m.frozen_dtype))
+    by_reference = {} if m.train_vision or "vision" not in start.frozen_sources else {
+        "vision": start.frozen_sources["vision"]}
+    return net, start, by_reference
+
+
+def build_caption(recipe: PretrainRecipe, init: str, llm: str | None = None) -> tuple[Stage2Task, Checkpoint]:
+    """A caption fine-tune of a stage-2 model: its LLM frozen (kept by reference), its ViT (by value, float32, its
+    positions resampled to the recipe's image size), ``ln_vision``, Q-Former and projection trained. ``llm``: the
+    LLM of a LAVIS stage-2 ``.pth``."""
+    if not init:
+        raise Blip2Error("a caption fine-tune starts from a stage-2 model: pass --init (blip2-opt-2.7b, a LAVIS "
+                         "stage-2 .pth with --llm, or runs/<stage2 run>/latest)")
+    net, start, sources = fine_tune_start(recipe, init, Blip2ImageToText,
+                                           "not a stage-2 (image-to-text) model; a caption fine-tune starts from one",
+                                           llm=llm)
+    freeze([net.language_model], dtype_of(recipe.model.frozen_dtype))
     task = Stage2Task(net, start.tokenizer, replace(recipe.stage2, seed=recipe.train.seed))
-    sources = {k: v for k, v in start.frozen_sources.items() if k == "language_model"}
-    if not m.train_vision and "vision" in start.frozen_sources:
-        sources["vision"] = start.frozen_sources["vision"]
-    return task, Checkpoint(net, cfg, start.tokenizer, None, "caption-coco", "caption", sources)
+    if "language_model" in start.frozen_sources:
+        sources["language_model"] = start.frozen_sources["language_model"]
+    return task, Checkpoint(net, net.config, start.tokenizer, None, "caption-coco", "caption", sources)
+
+
+def build_retrieval(recipe: PretrainRecipe, init: str) -> tuple[Stage1Task, Checkpoint]:
+    """A retrieval fine-tune of a stage-1 model (``lavis-stage1-vit-g``, ``runs/<stage1 run>/latest``): ITC, ITM and
+    ITG as in stage 1 (``recipe.stage1``, whose ``same_image_positives`` pairs COCO's captions by image), with the
+    ViT (by value, float32, its positions resampled to the recipe's image size), ``ln_vision``, Q-Former and heads
+    all trained unless the recipe freezes the ViT. Saved as a stage-1 model."""
+    if not init:
+        raise Blip2Error("a retrieval fine-tune starts from a stage-1 model: pass --init (lavis-stage1-vit-g or "
+                         "runs/<stage1 run>/latest)")
+    net, start, sources = fine_tune_start(
+        recipe, init, Blip2Stage1, "not a stage-1 model (with ITC/ITM heads); a retrieval fine-tune starts from one, "
+        "e.g. lavis-stage1-vit-g or runs/<stage1 run>/latest", max_txt_len=recipe.stage1.max_txt_len)
+    tok = start.qformer_tokenizer
+    if tok is None:
+        raise Blip2Error(f"--init {init}: no Q-Former tokenizer; a retrieval fine-tune reads captions with it")
+    task = Stage1Task(net, tok, replace(recipe.stage1, seed=recipe.train.seed))
+    return task, Checkpoint(net, net.config, None, tok, None, "retrieval", sources)
 
 
 def _query_path(key: str) -> bool:

@@ -16,6 +16,7 @@ from ..models.blip2 import Blip2ImageToText, Blip2Stage1
 from ..models.qformer import MaskMode
 from ..models.qformer_text import qformer_text
 from ..runtime import dist
+from ..runtime.errors import Blip2Error
 from . import losses
 
 
@@ -28,6 +29,11 @@ class Stage1Loss:
     temp_min: float | None = None  # LAVIS's BLIP-2 never clamps the temperature; BLIP clamped to [0.001, 0.5]
     temp_max: float | None = None
     seed: int = 0  # hard-negative sampling
+    # Every caption of the same image (the batch's image_id) is an ITC positive and never an ITM negative, across
+    # ranks: retrieval fine-tuning on COCO, five captions per image, as LAVIS's. Unset: each pair is its own only
+    # positive, the paper's pretraining (its web images carry no shared id, and LAVIS's stage 1 at HEAD uses ids
+    # by accident, for COCO samples only).
+    same_image_positives: bool | None = None
 
 
 @dataclass
@@ -64,6 +70,15 @@ class Stage1Task(nn.Module):
             return self.net.temp
         return self.net.temp.clamp(min=s.temp_min, max=s.temp_max)
 
+    def image_ids(self, batch: dict[str, Any], device) -> torch.Tensor | None:
+        """The batch's image ids as int64 (``losses.image_id_tensor``) when the settings pair captions by image."""
+        if not self.settings.same_image_positives:
+            return None
+        if "image_id" not in batch:
+            raise Blip2Error("stage1.same_image_positives: the batch has no image_id (every data source must give "
+                             "one, as caption_json does)")
+        return losses.image_id_tensor(batch["image_id"], device)
+
     def forward(self, batch: dict[str, Any], step: int = 0) -> dict[str, torch.Tensor]:
         net, s = self.net, self.settings
         pixels = batch["image"]
@@ -74,12 +89,12 @@ class Stage1Task(nn.Module):
         query = net.qformer(image=image_embeds, use_cache=True)
         image_feats = torch.nn.functional.normalize(net.vision_proj(query.query_states), dim=-1)
         text_feats = net.text_features(ids, mask)
-        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temperature(), s.label_smoothing)
+        positives = losses.positive_mask(b, self.image_ids(batch, pixels.device), pixels.device)
+        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temperature(), s.label_smoothing,
+                                                      positives)
 
-        image_ids = batch.get("image_id_tensor")
-        positives = losses.positive_mask(b, image_ids, pixels.device)
         ids_world, mask_world = dist.gather_no_grad(ids), dist.gather_no_grad(mask)
-        positives |= (ids[:, None, :] == ids_world[None, :, :]).all(dim=-1)  # a same-caption pair is no negative
+        positives = positives | (ids[:, None, :] == ids_world[None, :, :]).all(dim=-1)  # nor a same-caption pair
         neg_image = losses.sample_hard_negatives(sim_t2i, positives, losses.row_seeds(s.seed, step, b, 0))
         neg_text = losses.sample_hard_negatives(sim_i2t, positives, losses.row_seeds(s.seed, step, b, 1))
         images_world = dist.gather_with_grad(image_embeds)
