@@ -109,3 +109,30 @@ def test_a_side_that_dies_without_a_result_is_an_error():
 def test_peaks_of_lists_are_per_position():
     result = Rounds({"z": [{"m": [1, 5]}, {"m": [4, 2]}], "g": [{"m": None}, {"m": None}]})
     assert result.peak("z", "m") == [4, 5] and result.peak("g", "m") is None
+
+
+def test_finetune_step_arguments_and_full_architecture():
+    """``benchmarks.finetune_step``: each size's defaults, the GPU-only switches refused on the CPU, and the
+    ``--full`` model (EVA ViT-g, BERT-base Q-Former, OPT-2.7B) assembled on the meta device."""
+    import torch
+
+    from benchmarks.finetune_step import parse_args, stage2_config
+    from blip2cli.models.blip2 import Blip2ImageToText
+
+    mid = parse_args([])
+    assert (mid.batch, mid.steps, mid.rounds) == (4, 2, 3)
+    assert mid.sides == ["trained", "frozen", "checkpointing", "zero2x2"]
+    tiny = parse_args(["--tiny", "--rounds", "1", "--sides", "trained", "frozen"])
+    assert (tiny.tiny, tiny.rounds, tiny.sides) == (True, 1, ["trained", "frozen"])
+    full = parse_args(["--full", "--device", "cuda", "--find-max-batch"])
+    assert (full.batch, full.sides, full.find_max_batch) == (16, ["trained", "checkpointing"], True)
+    for argv in (["--full"], ["--find-max-batch"], ["--full", "--tiny", "--device", "cuda"], ["--batch", "3"],
+                 ["--rounds", "0"], ["--cores", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+    cfg, _ = stage2_config("full")
+    with torch.device("meta"):
+        net = Blip2ImageToText(cfg)
+    shape = (cfg.vision.width, cfg.vision.layers, cfg.qformer.hidden_size, cfg.text["hidden_size"])
+    assert shape == (1408, 39, 768, 2560)
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(3.745e9, rel=1e-3)
