@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, Union
@@ -113,6 +114,11 @@ class Blip2:
     def can_generate(self) -> bool:
         return isinstance(self.net, Blip2ImageToText)
 
+    @property
+    def reads_questions(self) -> bool:
+        """Whether the Q-Former reads the question with the queries (a VQA fine-tune)."""
+        return self.can_generate and self.config.qformer_text_input
+
     def decoding(self, **overrides: Any) -> Decoding:
         """The model's default decoding with the user's ``overrides`` (see ``Decoding.with_overrides``)."""
         return self.defaults.with_overrides(**overrides)
@@ -120,11 +126,15 @@ class Blip2:
     @torch.inference_mode()
     def generate(self, images: ImageLike | Sequence[ImageLike], prompts: str | Sequence[str] | None = None,
                  batch_size: int = 8, on_error: OnError | None = None, max_pixels: int | None = None,
-                 exif_transpose: bool | None = None, **decoding: Any) -> Text | None | list[Text | None]:
+                 exif_transpose: bool | None = None, questions: str | Sequence[str] | None = None,
+                 **decoding: Any) -> Text | None | list[Text | None]:
         """Text for one image (a str), or for each of a list of images (a list).
 
         With ``num_captions`` above 1, each image's text is a list of that many texts.
         ``prompts``: one prompt for all images, or one per image; default: the model's recipe prompt.
+        ``questions``: for a model whose Q-Former reads the question (a VQA fine-tune), the question of each prompt;
+        by default the ``{}`` of the model's prompt template in each prompt, or else the prompt itself, which then
+        goes into the template ("what is it?" -> "Question: what is it? Answer:").
         ``decoding``: any field of ``Decoding`` (num_beams, max_new_tokens, sample, ...), over the model's recipe.
         ``on_error``: called with an image that cannot be read and its error, instead of raising; that
         image's result is ``None`` and the other images of its batch are still generated.
@@ -136,6 +146,11 @@ class Blip2:
         items, single = _image_list(images)
         settings = self.decoding(**decoding)
         texts_in = self._prompts(len(items), prompts, settings.prompt or "")
+        questions_in = None
+        if self.reads_questions:
+            questions_in = self._prompts(len(items), questions, "") if questions is not None else None
+            texts_in, questions_in = questions_and_prompts(texts_in, questions_in, settings.prompt or "",
+                                                           self.checkpoint.source)
         kwargs = settings.generate_kwargs(decoder_only=not self.net.language_model.is_encoder_decoder)
         kwargs.setdefault("pad_token_id", self.checkpoint.tokenizer.pad_token_id)
         results: list[Text | None] = [None] * len(items)
@@ -147,7 +162,8 @@ class Blip2:
                 if settings.sample:  # a text's draws depend on the seed and its image (file, or place), not the batch
                     kwargs["row_seeds"] = torch.tensor([row_seed(seed, _image_key(items[i], i), j) for i in readable
                                                         for j in range(settings.num_captions or 1)])
-                texts = self._generate_batch(list(readable.values()), [texts_in[i] for i in readable], kwargs)
+                texts = self._generate_batch(list(readable.values()), [texts_in[i] for i in readable], kwargs,
+                                             None if questions_in is None else [questions_in[i] for i in readable])
                 for i, text in zip(readable, self._per_image(texts, settings.num_captions or 1)):
                     results[i] = text
         return results[0] if single else results
@@ -172,11 +188,14 @@ class Blip2:
                 pixels[i] = seen[key]
         return pixels
 
-    def _generate_batch(self, pixels: list[torch.Tensor], prompts: list[str], kwargs: dict[str, Any]) -> list[str]:
-        """Texts for (image, prompt) pairs; an image shared by several prompts goes through the ViT and the Q-Former
-        once."""
+    def _generate_batch(self, pixels: list[torch.Tensor], prompts: list[str], kwargs: dict[str, Any],
+                        questions: list[str] | None = None) -> list[str]:
+        """Texts for (image, prompt) pairs; an image shared by several prompts goes through the ViT (and a
+        question-blind Q-Former) once. ``questions``: what a question-reading Q-Former reads, one per prompt."""
         tok = self.checkpoint.tokenizer
         ids, mask = self._prompt_ids(prompts)
+        if questions is not None:
+            kwargs = {**kwargs, **dict(zip(("question_ids", "question_mask"), self._qformer_text(questions, None)))}
         slots: dict[int, int] = {}
         index = torch.tensor([slots.setdefault(id(p), len(slots)) for p in pixels], device=self.device)
         unique = list({id(p): p for p in pixels}.values())
@@ -287,6 +306,32 @@ class Blip2:
         if isinstance(self.net, Blip2Stage1):
             out["image_features"] = self.net.image_features(embeds).float().cpu()
         return out
+
+
+def questions_and_prompts(prompts: list[str], questions: list[str] | None, template: str,
+                          source: str) -> tuple[list[str], list[str]]:
+    """The LLM prompts and the questions of a model that reads the question. Without ``questions``: a prompt that
+    fills the ``{}`` of ``template`` gives its question; any other prompt is the question, put into the template."""
+    if "{}" not in template:
+        template = "{}"
+    before, after = template.split("{}", 1)
+    pattern = re.compile(re.escape(before) + "(.*)" + re.escape(after), re.DOTALL)
+    out_prompts, out_questions = [], []
+    for i, prompt in enumerate(prompts):
+        if questions is not None:
+            question = questions[i]
+        else:
+            match = pattern.fullmatch(prompt)
+            question = match.group(1).strip() if match else prompt.strip()
+            if "{}" in prompt:  # the template itself (no prompt given): no question
+                question = ""
+            if not match:
+                prompt = template.format(question)
+        if not question:
+            raise Blip2Error(f"{source} answers questions (its Q-Former reads them): give the question as the prompt")
+        out_prompts.append(prompt)
+        out_questions.append(question)
+    return out_prompts, out_questions
 
 
 def _unbatch(features: dict[str, torch.Tensor], single: bool) -> dict[str, torch.Tensor]:

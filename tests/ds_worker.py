@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from blip2cli.runtime import dist  # noqa: E402
 from blip2cli.train.engine import DeepSpeedEngine  # noqa: E402
 from blip2cli.runtime.dist import init_distributed  # noqa: E402
-from tests.train.tiny_tasks import B, recipe_for, task_for, tiny_batch  # noqa: E402
+from tests.train.tiny_tasks import B, batch_for, rank_part, recipe_for, task_for  # noqa: E402
 
 
 def main() -> None:
@@ -31,8 +31,7 @@ def main() -> None:
     rank, world = dist.rank(), dist.world_size()
     task = task_for(args.stage, args.assets)
     engine = DeepSpeedEngine(task, recipe_for(args.zero), device)
-    full = tiny_batch(world * B)
-    part = {"image": full["image"][rank * B:(rank + 1) * B], "text": full["text"][rank * B:(rank + 1) * B]}
+    part = rank_part(batch_for(args.stage, world * B), rank)
     engine.engine.eval()  # no dropout: comparable with the single-process run
     out = engine.engine(part, 5)
     engine.engine.backward(out["loss"])

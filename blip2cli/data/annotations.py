@@ -114,7 +114,10 @@ ANNOTATIONS: dict[str, tuple[AnnotationFile, ...]] = {
         _f("flickr30k_val.json", _SFR, "val"),
         _f("flickr30k_test.json", _SFR, "test"),
     ),
-    "vg": (_f("vg_caption.json", f"{_LAVIS}/visual_genome", "train"),),
+    "vg": (
+        _f("vg_caption.json", f"{_LAVIS}/visual_genome", "train"),
+        _f("vg_qa.json", _SFR, "train"),  # question-answer pairs (BLIP's VQA fine-tuning adds them to VQAv2's)
+    ),
 }
 
 # `blip2 eval` commands that use prepared files: (command, ((option, file name), ...))

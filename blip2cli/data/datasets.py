@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import collections
 import glob
 import itertools
 import json
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from ..runtime.errors import Blip2Error
 from ..runtime.io import read_json
 from ..images import ImageError, open_rgb
-from .text import pre_caption
+from .text import pre_caption, pre_question
 
 log = logging.getLogger(__name__)
 
@@ -95,28 +96,80 @@ class CaptionJsonDataset(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        n = len(self.entries)
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for {n} entries")
-        for j in ((index + step) % n for step in range(n)):
-            if j in self._unreadable:
-                continue
-            image_path, captions, image_id = self.entries[j]
-            try:
-                image = open_rgb(self.image_root / image_path)
-            except ImageError as e:
-                self._unreadable.add(j)
-                self.skipped += 1
-                log.warning("skipping unreadable image: %s", e)
-                continue
-            if isinstance(captions, list):
-                captions = random.Random(f"caption:{self.seed}:{j}:{self.epoch}").choice(captions)
-            return {
-                "image": self.transform(image) if self.transform else image,
-                "text": pre_caption(captions, self.max_words, self.prompt),
-                "image_id": image_id,
-            }
-        raise Blip2Error(f"{self.ann_path}: no readable image under {self.image_root}")
+        j, image = first_readable(self, index, lambda entry: entry[0])
+        _, captions, image_id = self.entries[j]
+        if isinstance(captions, list):
+            captions = random.Random(f"caption:{self.seed}:{j}:{self.epoch}").choice(captions)
+        return {
+            "image": self.transform(image) if self.transform else image,
+            "text": pre_caption(captions, self.max_words, self.prompt),
+            "image_id": image_id,
+        }
+
+
+def first_readable(dataset: Any, index: int, image_of: Callable[[Any], str]) -> tuple[int, Image.Image]:
+    """The entry at ``index`` of an annotation dataset, or the next readable one (wrapping round), and its image.
+
+    ``dataset`` has ``entries``, ``image_root``, ``ann_path``, a set ``_unreadable`` and a count ``skipped``: an
+    unreadable entry is remembered (never opened again), counted and logged.
+    """
+    n = len(dataset.entries)
+    if not 0 <= index < n:
+        raise IndexError(f"index {index} out of range for {n} entries")
+    for j in ((index + step) % n for step in range(n)):
+        if j in dataset._unreadable:
+            continue
+        try:
+            return j, open_rgb(dataset.image_root / image_of(dataset.entries[j]))
+        except ImageError as e:
+            dataset._unreadable.add(j)
+            dataset.skipped += 1
+            log.warning("skipping unreadable image: %s", e)
+    raise Blip2Error(f"{dataset.ann_path}: no readable image under {dataset.image_root}")
+
+
+def answer_weights(answers: str | list[str]) -> tuple[list[str], list[float]]:
+    """Each distinct answer with its share of the annotators' answers (BLIP's VQA targets): ten answers
+    ``["2"] * 6 + ["3"] * 4`` give ``(["2", "3"], [0.6, 0.4])``; one answer (Visual Genome, GQA) weighs 1."""
+    answers = [answers] if isinstance(answers, str) else answers
+    counts = collections.Counter(answers)
+    return list(counts), [n / len(answers) for n in counts.values()]
+
+
+class VqaJsonDataset(Dataset):
+    """Questions on images from a LAVIS VQA training list (``[{"image", "question", "answer"}]``: VQAv2's
+    ``vqa_train.json``/``vqa_val.json``, Visual Genome's ``vg_qa.json``, OK-VQA, GQA), image paths relative to
+    ``image_root``.
+
+    Items are ``{"image", "question", "answers", "weights", "image_id"}``: the question cleaned as LAVIS cleans it
+    (``pre_question``), each distinct answer with its share (``answer_weights``). An unreadable image is skipped
+    as in ``CaptionJsonDataset``.
+    """
+
+    def __init__(self, ann_path: str | Path, image_root: str | Path, transform: Transform | None = None,
+                 max_words: int = 50):
+        self.ann_path, self.image_root = Path(ann_path), Path(image_root)
+        data = read_json(self.ann_path, "VQA annotation file")
+        if not isinstance(data, list) or not all(isinstance(e, dict) and {"image", "question", "answer"} <= set(e)
+                                                 for e in data):
+            raise Blip2Error(f"{self.ann_path}: expected a list of {{image, question, answer}} (LAVIS's VQA layout)")
+        if not data:
+            raise Blip2Error(f"{self.ann_path}: no questions")
+        self.entries = data
+        self.transform, self.max_words = transform, max_words
+        self.skipped = 0
+        self._unreadable: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        j, image = first_readable(self, index, lambda entry: entry["image"])
+        entry = self.entries[j]
+        answers, weights = answer_weights(entry["answer"])
+        return {"image": self.transform(image) if self.transform else image,
+                "question": pre_question(entry["question"], self.max_words), "answers": answers,
+                "weights": weights, "image_id": entry.get("image_id", entry["image"])}
 
 
 # --- webdataset shards ----------------------------------------------------------------------------

@@ -44,18 +44,23 @@ def render_shape(colour: str, shape: str, size: int, rng: random.Random) -> Imag
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}: expected one of {', '.join(SHAPES)}")
     image = Image.new("RGB", (size, size), _background(rng))
+    _draw_shape(ImageDraw.Draw(image), colour, shape, (0, 0), size, rng)
+    return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, colour: str, shape: str, origin: tuple[int, int], size: int,
+                rng: random.Random) -> None:
+    """One filled shape at a random place and scale within the ``size`` x ``size`` square at ``origin``."""
     fill = tuple(min(255, max(0, v + rng.randint(-_JITTER, _JITTER))) for v in RGB[colour])
     side = max(2, round(size * rng.uniform(0.35, 0.8)))
-    x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
+    x0, y0 = origin[0] + rng.randint(0, size - side), origin[1] + rng.randint(0, size - side)
     x1, y1 = x0 + side - 1, y0 + side - 1
-    draw = ImageDraw.Draw(image)
     if shape == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=fill)
     elif shape == "square":
         draw.rectangle((x0, y0, x1, y1), fill=fill)
     else:
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    return image
 
 
 class ShapesDataset(Dataset):
@@ -127,3 +132,66 @@ def write_samples(run_dir: str | Path, image_size: int, n: int = 12, seed: int =
     directory = Path(run_dir) / "samples"
     ShapesDataset("heldout", size=n, image_size=max(64, image_size), seed=seed).write_images(directory)
     return directory
+
+
+def question_about(rng: random.Random, first: tuple[str, str], second: tuple[str, str]) -> tuple[str, str]:
+    """A question about one of two (colour, shape) pairs that only the image answers, and its answer, the caption of
+    that shape (the language the tiny LLM speaks): the colour of a shape ("what colour is the circle ?" -> "a red
+    circle") or the shape of a colour ("what is the red shape ?" -> "a red circle")."""
+    colour, shape = rng.choice([first, second])
+    question = f"what colour is the {shape} ?" if rng.random() < 0.5 else f"what is the {colour} shape ?"
+    return question, caption(colour, shape)
+
+
+class ShapesQADataset(Dataset):
+    """Visual questions on two shapes per image (different colours, different kinds, side by side); whether the
+    colour or the kind is asked, and of which shape, is drawn per item, so the question decides the answer.
+
+    Items are ``{"image", "question", "answers", "weights", "question_id", "image_id"}`` (one answer of weight 1);
+    deterministic in (split, seed, i) like ``ShapesDataset``.
+    """
+
+    def __init__(self, split: str = "train", size: int = 1000, image_size: int = 64, seed: int = 0,
+                 transform: Callable[[Image.Image], Any] | None = None):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}: expected 'train' or 'heldout'")
+        self.split, self.size, self.image_size, self.seed, self.transform = split, size, image_size, seed, transform
+
+    def __len__(self) -> int:
+        return self.size
+
+    def example(self, i: int) -> tuple[Image.Image, str, str]:
+        """Item ``i``'s image (untransformed), question and answer."""
+        rng = random.Random(f"shapes-qa:{self.split}:{self.seed}:{i}")
+        colours, shapes = rng.sample(COLOURS, 2), rng.sample(SHAPES, 2)
+        size, half = self.image_size, self.image_size // 2
+        image = Image.new("RGB", (size, size), _background(rng))
+        draw = ImageDraw.Draw(image)
+        for k in range(2):  # each shape in its own half (left, right), so they never overlap
+            _draw_shape(draw, colours[k], shapes[k], (k * half, rng.randint(0, size - half)), half, rng)
+        question, answer = question_about(rng, (colours[0], shapes[0]), (colours[1], shapes[1]))
+        return image, question, answer
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < self.size:
+            raise IndexError(f"index {i} out of range for a dataset of {self.size}")
+        image, question, answer = self.example(i)
+        return {"image": self.transform(image) if self.transform else image, "question": question,
+                "answers": [answer], "weights": [1.0], "question_id": i, "image_id": i}
+
+    def write_vqa(self, directory: str | Path) -> tuple[Path, Path]:
+        """Every item laid out as VQAv2's val2014 split, for ``blip2 eval vqav2 --images DIRECTORY``: images as
+        ``val2014/COCO_val2014_<id>.jpg``, ``questions.json`` and ``annotations.json`` in the official layouts (ten
+        identical answers). Returns the two files."""
+        directory = Path(directory)
+        (directory / "val2014").mkdir(parents=True, exist_ok=True)
+        questions, annotations = [], []
+        for i in range(self.size):
+            image, question, answer = self.example(i)
+            image.save(directory / "val2014" / f"COCO_val2014_{i:012d}.jpg", quality=95)
+            questions.append({"image_id": i, "question": question, "question_id": i})
+            annotations.append({"question_id": i, "image_id": i, "answer_type": "other", "question_type": "what",
+                                "answers": [{"answer": answer, "answer_id": k + 1} for k in range(10)]})
+        (directory / "questions.json").write_text(json.dumps({"questions": questions}) + "\n")
+        (directory / "annotations.json").write_text(json.dumps({"annotations": annotations}) + "\n")
+        return directory / "questions.json", directory / "annotations.json"

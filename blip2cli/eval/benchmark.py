@@ -228,9 +228,9 @@ def _predictions(command: str, predictions: Path | None, run: ModelRun, make_ite
     from ..runtime import dist
     from .generation import predict
 
-    settings = run.settings(command)
+    model = run.load()  # first: a VQA fine-tune decodes with its own prompt (``GenerationEval.for_model``)
+    settings = run.settings(command).for_model(model.reads_questions)
     out = run.prepare(command, "predictions", settings.provenance(), inputs or {})
-    model = run.load()
     run.start()
     path = predict(model, items, settings, out, key, field, on_skip=on_skip)
     if dist.rank() != 0:

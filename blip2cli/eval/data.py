@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.text import pre_question
 from ..runtime.errors import Blip2Error
 from ..runtime.io import read_json
 from .runner import Item
@@ -71,15 +72,16 @@ def _image(root: Path, name: str) -> Path:
 
 def vqa_items(questions: Path, image_root: Path, coco_split: str = "val2014") -> list[Item]:
     """VQA questions: the official ``{"questions": [{image_id, question, question_id}]}`` file (COCO
-    file names under ``image_root``/``coco_split``) or a LAVIS list ``[{image, question, question_id}]``."""
+    file names under ``image_root``/``coco_split``) or a LAVIS list ``[{image, question, question_id}]``. Each
+    question is cleaned as LAVIS's evaluation cleans it (``pre_question``)."""
     data = read_json(questions, "questions file", hint="the official VQA files are at visualqa.org/download.html")
     if isinstance(data, dict) and "questions" in data:
         return [Item(q["question_id"], _image(image_root, f"{coco_split}/" + COCO_FILE.format(split=coco_split,
                                                                                           id=q["image_id"])),
-                     q["question"]) for q in data["questions"]]
+                     pre_question(q["question"])) for q in data["questions"]]
     if isinstance(data, list) and all(isinstance(q, dict) and {"image", "question", "question_id"} <= set(q)
                                       for q in data):
-        return [Item(q["question_id"], _image(image_root, q["image"]), q["question"]) for q in data]
+        return [Item(q["question_id"], _image(image_root, q["image"]), pre_question(q["question"])) for q in data]
     raise Blip2Error(f"{questions}: expected the official VQA questions file or a list of "
                      "{image, question, question_id}")
 
@@ -88,9 +90,10 @@ def gqa_items(questions: Path, image_root: Path) -> list[Item]:
     """GQA questions: the official ``{id: {imageId, question, answer}}`` file or a LAVIS list."""
     data = read_json(questions, "GQA questions file", hint="download testdev_balanced_questions.json from the GQA site")
     if isinstance(data, dict):
-        return [Item(qid, _image(image_root, f"{q['imageId']}.jpg"), q["question"]) for qid, q in data.items()]
+        return [Item(qid, _image(image_root, f"{q['imageId']}.jpg"), pre_question(q["question"]))
+                for qid, q in data.items()]
     if isinstance(data, list):
-        return [Item(q["question_id"], _image(image_root, q["image"]), q["question"]) for q in data]
+        return [Item(q["question_id"], _image(image_root, q["image"]), pre_question(q["question"])) for q in data]
     raise Blip2Error(f"{questions}: expected GQA questions as a mapping or a list")
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ class GenerationEval:
 
     batch_size: int = checked(ge=1)
     generation: str | None = None
+    # the generation recipe of a model fine-tuned for the benchmark, whose Q-Former reads the question (its own
+    # prompt, "Question: {} Answer:"), in place of ``generation``
+    finetuned_generation: str | None = None
     decoding: Decoding = field(default_factory=Decoding)
     lemmatize: bool = False  # OK-VQA: lemmatise answers before scoring (LAVIS, spaCy en_core_web_sm)
     zero_shot: ZeroShot = field(default_factory=ZeroShot)
@@ -45,8 +49,19 @@ class GenerationEval:
     beam_scoring: str | None = flat_key()
 
     def __post_init__(self) -> None:
+        self.own_decoding = replace(self.decoding)  # the benchmark's own settings, before any generation recipe
         if self.generation:
             self.decoding = self.decoding.over(load_recipe(Decoding, f"generate/{self.generation}"))
+
+    def for_model(self, reads_questions: bool) -> GenerationEval:
+        """These settings for a model: one whose Q-Former reads the question (a VQA fine-tune) decodes with
+        ``finetuned_generation`` under the benchmark's own settings."""
+        if not (reads_questions and self.finetuned_generation):
+            return self
+        chosen = copy.copy(self)
+        chosen.generation = self.finetuned_generation
+        chosen.decoding = self.own_decoding.over(load_recipe(Decoding, f"generate/{self.finetuned_generation}"))
+        return chosen
 
     def provenance(self) -> dict[str, Any]:
         """What of these settings shapes the predictions: the prompt and decoding (not the batch size, the
@@ -108,7 +123,9 @@ def predict(model, items: list[Item], settings: GenerationEval, out: Path, key: 
         if not opened:
             return [None] * len(batch)
         prompts = [template.format(batch[i].text) if "{}" in template else template for i in opened]
-        texts = model.generate(list(opened.values()), prompts, batch_size=len(opened), **decoding)
+        questions = [batch[i].text for i in opened] if "{}" in template and model.reads_questions else None
+        texts = model.generate(list(opened.values()), prompts, batch_size=len(opened), questions=questions,
+                               **decoding)
         by_position = dict(zip(opened, texts))
         return [by_position.get(i) for i in range(len(batch))]
 

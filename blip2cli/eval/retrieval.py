@@ -87,8 +87,9 @@ def retrieval_scores(model, images: Sequence[str | Path], texts: Sequence[str], 
     k, batch_size, text_batch, itm_batch = spec.k, spec.batch_size, spec.text_batch, spec.itm_batch
     net = model.matching_network()
     k_t, k_i = min(k, len(texts)), min(k, len(images))
-    ids, mask = qformer_text(model.checkpoint.qformer_tokenizer, texts, spec.max_txt_len, model.device,
-                             pad_to_max=True)
+    # no longer than the Q-Former's text positions (a small model may have fewer than the protocol's 35)
+    length = min(spec.max_txt_len, net.config.qformer.max_position_embeddings)
+    ids, mask = qformer_text(model.checkpoint.qformer_tokenizer, texts, length, model.device, pad_to_max=True)
     text_feats = torch.cat([net.text_features(ids[s:s + text_batch], mask[s:s + text_batch])
                             for s in range(0, len(texts), text_batch)])
 

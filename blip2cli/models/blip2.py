@@ -30,6 +30,8 @@ class Blip2Config:
     embed_dim: int = 256  # ITC projection width (stage 1)
     ln_vision_eps: float = 1e-6  # transformers' value; LAVIS uses 1e-5
     image_token_id: int | None = None  # the LLM's <image> placeholder, when the checkpoint has one
+    # the question joins the queries in the Q-Former's self-attention (a VQA fine-tune; InstructBLIP's layout)
+    qformer_text_input: bool = False
 
     @property
     def is_image_to_text(self) -> bool:
@@ -116,28 +118,50 @@ class Blip2ImageToText(Blip2Base):
         super().__init__(cfg)
         if cfg.text is None:
             raise ValueError("an image-to-text model needs a language-model config")
+        if cfg.qformer_text_input and not cfg.qformer.has_text:
+            raise ValueError("a Q-Former that reads the question needs its text side (qformer.has_text)")
         lm = language_model if language_model is not None else build_language_model(cfg.text)
         self.language_model = LanguageModel(lm)
         self.language_projection = nn.Linear(cfg.qformer.hidden_size, self.language_model.hidden_size)
 
-    def soft_prompts(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected query outputs ``(B, queries, llm width)``: the visual prompt of the LLM."""
-        q = self.query_output(self.encode_image(pixel_values))
+    def soft_prompts(self, pixel_values: torch.Tensor, question_ids: torch.Tensor | None = None,
+                     question_mask: torch.Tensor | None = None,
+                     image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected query outputs ``(B, queries, llm width)``: the visual prompt of the LLM.
+
+        ``image_index``: the image of each prompt, when images are shared by several prompts (each image goes
+        through the ViT once, and through a question-blind Q-Former once). ``question_ids``/``question_mask``:
+        one question per prompt in the Q-Former's tokens, for a Q-Former that reads it (``qformer_text_input``);
+        its tokens join the queries in a bi-directional self-attention, so the queries pick what it asks about.
+        """
+        image = self.encode_image(pixel_values)
+        if question_ids is None:
+            if self.config.qformer_text_input:
+                raise ValueError("this model's Q-Former reads the question: pass question_ids")
+            q = self.query_output(image)
+            if image_index is not None:
+                q = q[image_index]
+        else:
+            if not self.config.qformer_text_input:
+                raise ValueError("this model's Q-Former does not read a question")
+            if image_index is not None:
+                image = image[image_index]
+            q = self.qformer(image=image, input_ids=question_ids, text_mask=question_mask,
+                             mode=MaskMode.BIDIRECTIONAL).query_states
         proj = self.language_projection
         return proj(q.to(proj.weight.dtype))
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                **kwargs: Any):
-        return self.language_model(self.soft_prompts(pixel_values), input_ids, attention_mask, **kwargs)
+                question_ids: torch.Tensor | None = None, question_mask: torch.Tensor | None = None, **kwargs: Any):
+        soft_prompts = self.soft_prompts(pixel_values, question_ids, question_mask)
+        return self.language_model(soft_prompts, input_ids, attention_mask, **kwargs)
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 image_index: torch.Tensor | None = None, **decoding: Any) -> torch.Tensor:
-        """New token ids for each prompt (see ``LanguageModel.generate``). ``image_index``: the image of each prompt,
-        when images are shared by several prompts (each image then goes through the ViT and Q-Former once)."""
-        soft_prompts = self.soft_prompts(pixel_values)
-        if image_index is not None:
-            soft_prompts = soft_prompts[image_index]
+                 image_index: torch.Tensor | None = None, question_ids: torch.Tensor | None = None,
+                 question_mask: torch.Tensor | None = None, **decoding: Any) -> torch.Tensor:
+        """New token ids for each prompt (see ``LanguageModel.generate``); see ``soft_prompts`` for the others."""
+        soft_prompts = self.soft_prompts(pixel_values, question_ids, question_mask, image_index)
         return self.language_model.generate(soft_prompts, input_ids, attention_mask,
                                             placeholder_id=self.config.image_token_id, **decoding)
 

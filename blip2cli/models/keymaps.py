@@ -1,4 +1,5 @@
-"""State-dict key mappings between blip2's modules, transformers' BLIP-2 classes and LAVIS checkpoints.
+"""State-dict key mappings between blip2's modules, transformers' BLIP-2 and InstructBLIP classes and LAVIS
+checkpoints.
 
 Each table is a list of prefix pairs ``(ours, theirs)``; ``{n}`` stands for a layer index. Translation
 is exact and reversible: a key no rule covers is reported, never dropped. The ViT's fused q/k/v bias
@@ -68,6 +69,14 @@ HF_RULES: PrefixRules = [
     ("language_projection.", "language_projection."),
     ("language_model.model.", "language_model."),
 ]
+
+# InstructBLIP's Q-Former owns its text embeddings and names its embedding LayerNorm among them.
+_INSTRUCTBLIP_EMBEDDINGS = {
+    "qformer.embed_norm.": "qformer.embeddings.layernorm.",
+    "qformer.embeddings.word.": "qformer.embeddings.word_embeddings.",
+    "qformer.embeddings.position.": "qformer.embeddings.position_embeddings.",
+}
+INSTRUCTBLIP_RULES: PrefixRules = [(ours, _INSTRUCTBLIP_EMBEDDINGS.get(ours, theirs)) for ours, theirs in HF_RULES]
 
 LAVIS_RULES: PrefixRules = [
     ("vision.trunk.", "visual_encoder."),
@@ -163,6 +172,7 @@ def fuse_qkv_bias(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 HF_KEYS = KeyMap(HF_RULES)
+INSTRUCTBLIP_KEYS = KeyMap(INSTRUCTBLIP_RULES)
 
 
 def lavis_keys(llm_kind: str | None) -> KeyMap:

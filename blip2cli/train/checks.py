@@ -44,13 +44,20 @@ def check_agrees(stage: str, recipe_name: str, spec, choice: str | None) -> None
                          f"model.{field} {shown}: drop one of them (or --set model.{field}={choice})")
 
 
+# what each run starts from: (the model it needs, the command that makes one, how an error names the run)
+STARTS = {"stage2": ("stage-1", "pretrain stage1", "stage 2"),
+          "caption": ("stage-2", "pretrain stage2", "a caption fine-tune"),
+          "vqa": ("stage-2", "pretrain stage2", "a VQA fine-tune"),
+          "retrieval": ("stage-1", "pretrain stage1", "a retrieval fine-tune")}
+
+
 def check_init(init: str | None, stage: str = "stage2") -> None:
-    """Stage 2 starts from a stage-1 run, a fine-tune from a stage-2 model: a missing local one is named before any
-    model loads."""
-    before, maker = ("stage-2", "pretrain stage2") if stage == "caption" else ("stage-1", "pretrain stage1")
+    """Stage 2 and a retrieval fine-tune start from a stage-1 model, a caption or VQA fine-tune from a stage-2 model:
+    a missing local one is named before any model loads."""
+    before, maker, what = STARTS[stage]
     if not init:
-        raise Blip2Error(f"{'a caption fine-tune' if stage == 'caption' else 'stage 2'} starts from a {before} "
-                         f"checkpoint: pass --init RUN_DIR (a `blip2 {maker}` run) or a {before} model name")
+        raise Blip2Error(f"{what} starts from a {before} checkpoint: pass --init RUN_DIR (a `blip2 {maker}` run) or a "
+                         f"{before} model name")
     path = Path(init).expanduser()
     in_a_dir = path.parent != Path(".") and path.parent.is_dir()  # runs/x is a path; Salesforce/x a hub id
     local = init.count("/") > 1 or init.startswith((".", "/", "~")) or in_a_dir
@@ -63,9 +70,9 @@ def source_missing(source) -> bool:
     """Whether a recipe's data source is absent from this machine (remote shards are not checked)."""
     from ..data.datasets import expand_shards
 
-    if source.kind == "shapes":
+    if source.kind.startswith("shapes"):
         return False
-    if source.kind == "caption_json":
+    if source.kind in ("caption_json", "vqa_json"):
         return not Path(source.path).is_file() or not Path(source.image_root).is_dir()
     if "://" in source.path or source.path.startswith("pipe:"):
         return False
@@ -77,8 +84,15 @@ def source_missing(source) -> bool:
 
 
 def how_to_make(path: str) -> str:
-    """The commands that make a pretraining directory, from the ``prepare`` recipe that names it."""
+    """The commands that make a data path: a pretraining directory (from the ``prepare`` recipe that names it) or an
+    annotation file (``blip2 prepare`` of the dataset that lists it)."""
     from ..config import read_yaml
+    from ..data.annotations import ANNOTATIONS
+
+    name = Path(path).name
+    for dataset, files in ANNOTATIONS.items():
+        if any(f.name == name for f in files):
+            return f" (make it: `blip2 prepare {dataset}`)"
 
     for file in sorted((recipes_root() / "prepare").glob("*.yaml")):
         data = read_yaml(file)

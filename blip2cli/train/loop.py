@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -16,8 +17,8 @@ import numpy as np
 import torch
 
 from ..runtime.errors import Blip2Error, Interrupted
-from ..data.datasets import CaptionJsonDataset, Mixture, collate, webdataset_samples
-from ..data.synthetic import ShapesDataset
+from ..data.datasets import CaptionJsonDataset, Mixture, VqaJsonDataset, collate, webdataset_samples
+from ..data.synthetic import ShapesDataset, ShapesQADataset
 from ..data.transforms import train_transform
 from ..models.assemble import Checkpoint
 from ..models.formats.native import write_model
@@ -47,13 +48,43 @@ def build_data(recipe: PretrainRecipe, rank: int, world: int):
         if s.kind == "shapes":
             sources.append(ShapesDataset("train", size=s.size, image_size=max(64, recipe.model.image_size),
                                          seed=seed, transform=transform))
+        elif s.kind == "shapes_qa":
+            sources.append(ShapesQADataset("train", size=s.size, image_size=max(64, recipe.model.image_size),
+                                           seed=seed, transform=transform))
         elif s.kind == "caption_json":
             sources.append(CaptionJsonDataset(s.path, s.image_root, transform, max_words=d.max_words, seed=seed))
+        elif s.kind == "vqa_json":
+            sources.append(VqaJsonDataset(s.path, s.image_root, transform, max_words=d.max_words))
         else:
             sources.append(webdataset_samples(s.path, transform, seed=seed, rank=rank, world_size=world,
                                               max_words=d.max_words, shuffle=d.shuffle_buffer))
-    mixture = Mixture(sources, [s.weight for s in d.sources], seed=seed + 7919 * rank, block_size=d.batch_size)
+    weights = [s.weight for s in d.sources]
+    if d.shares == "size":
+        if not all(hasattr(source, "__len__") for source in sources):
+            raise Blip2Error("data.shares size: every source needs a known size (annotation files, shapes)")
+        weights = [float(len(source)) for source in sources]
+    mixture = Mixture(sources, weights, seed=seed + 7919 * rank, block_size=d.batch_size)
     return mixture
+
+
+def run_length(recipe: PretrainRecipe, world: int) -> int:
+    """The run's optimiser steps: ``train.steps``, or ``train.epochs`` passes over the samples its sources hold
+    together, at ``batch_size x grad_accum x world`` samples a step (the last step completing the last pass)."""
+    t, d = recipe.train, recipe.data
+    if t.steps is not None:
+        return t.steps
+    samples = 0
+    for s in d.sources:
+        if s.kind.startswith("shapes"):
+            samples += s.size
+        elif s.kind == "caption_json":
+            samples += len(CaptionJsonDataset(s.path, s.image_root))
+        elif s.kind == "vqa_json":
+            samples += len(VqaJsonDataset(s.path, s.image_root))
+        else:
+            raise Blip2Error(f"train.epochs: the size of {s.path} ({s.kind}) is not known before it is read; "
+                             "give train.steps instead")
+    return max(1, math.ceil(t.epochs * samples / (d.batch_size * t.grad_accum * world)))
 
 
 def _loader(mixture, recipe: PretrainRecipe):

@@ -64,11 +64,17 @@ class ModelRecipe:
     # image_size when the --init model was trained at another size
     train_vision: bool | None = None  # unset: frozen (pretraining never trains it)
     vision_grad_checkpointing: bool | None = None  # a trained ViT recomputes its blocks' activations in backward
+    # VQA fine-tuning: the question's tokens join the queries in the Q-Former's self-attention (unset: they do)
+    question_in_qformer: bool | None = None
+    # VQA fine-tuning of a model without a Q-Former text side (every stage-2 model): the stage-1 model whose
+    # text embeddings, text FFNs and BERT tokenizer the Q-Former reads the question with
+    qformer_text_init: str | None = None
 
 
 @dataclass
 class SourceRecipe:
-    kind: str = checked(choices=("shapes", "webdataset", "caption_json"))
+    # shapes, shapes_qa: the built-in synthetic sets (one shape and its caption; two shapes and a question)
+    kind: str = checked(choices=("shapes", "shapes_qa", "webdataset", "caption_json", "vqa_json"))
     path: str = ""  # shards (directory, brace pattern) or annotation file
     image_root: str = ""
     weight: float | None = checked(None, gt=0)  # its share of the samples (unset in every source: equal shares)
@@ -84,15 +90,20 @@ class DataRecipe:
     max_words: int = checked(50, ge=1)
     # webdataset sources: samples held in each loader's seeded shuffle buffer (0 or 1: none)
     shuffle_buffer: int | None = checked(None, ge=0)
+    # sources without weights: equal shares, or shares by size (annotation sources: each pass draws every sample
+    # about once, as one concatenated dataset)
+    shares: str | None = checked(None, choices=("equal", "size"))  # unset: equal
 
     def __post_init__(self) -> None:
         weights = [s.weight for s in self.sources]
+        if self.shares == "size" and any(w is not None for w in weights):
+            raise Blip2Error("data.sources: weights and shares: size both set the shares; give one")
         if all(w is None for w in weights):
             for s in self.sources:
                 s.weight = 1.0  # equal shares
         elif None in weights:
             raise Blip2Error("data.sources: give every source a weight, or none (equal shares)")
-        if any(s.kind == "shapes" and s.size is None for s in self.sources):
+        if any(s.kind.startswith("shapes") and s.size is None for s in self.sources):
             raise Blip2Error("data.sources: a shapes source needs its size (the number of renderings)")
 
 
@@ -113,12 +124,15 @@ class OptimRecipe:
 
 @dataclass
 class TrainRecipe:
-    steps: int = checked(ge=1)
     precision: str = checked(choices=("fp32", "bf16", "fp16"))  # autocast of the trainable part
     log_every: int = checked(ge=1)
     save_every: int = checked(ge=1)
     keep_last: int = checked(ge=1)
     seed: int
+    # the length of the run: optimiser steps, or epochs (passes over the data, whose size the run counts when it
+    # starts: steps = ceil(epochs x samples / global batch)); exactly one of them
+    steps: int | None = checked(None, ge=1)
+    epochs: float | None = checked(None, gt=0)
     global_batch: int | None = checked(None, ge=1)  # batch_size x world size x accumulation, checked (unset: not)
     grad_accum: int = checked(1, ge=1)
     grad_clip: float = checked(0.0, ge=0)  # 0: none (LAVIS clips nothing)
@@ -127,6 +141,10 @@ class TrainRecipe:
     zero_stage: int = checked(2, choices=(0, 1, 2, 3))
     deepspeed_preset: str = ""  # a file of recipes/deepspeed/ (zero2, zero3), merged into the generated config
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config, merged last
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise Blip2Error("train: give steps or epochs (one of them)")
 
 
 # what each stage needs the recipe to say (the other stage's are taken from elsewhere or unused)
@@ -139,7 +157,8 @@ class PretrainRecipe:
     """A training recipe (``recipes/pretrain/``, ``recipes/finetune/``, ``recipes/tiny/``): model, data, optimiser,
     training."""
 
-    stage: str = checked(choices=("stage1", "stage2", "caption"))  # caption: fine-tuning a stage-2 model
+    # caption, vqa: fine-tuning a stage-2 model; retrieval: fine-tuning a stage-1 model
+    stage: str = checked(choices=("stage1", "stage2", "caption", "vqa", "retrieval"))
     model: ModelRecipe
     data: DataRecipe
     optim: OptimRecipe
@@ -150,9 +169,13 @@ class PretrainRecipe:
     def __post_init__(self) -> None:
         if not self.data.sources:
             raise Blip2Error("data.sources is empty: name at least one dataset")
-        missing = [name for name in (_STAGE1 if self.stage == "stage1" else _STAGE2) if _get(self, name) is None]
-        if self.stage == "caption" and self.model.llm:
-            raise Blip2Error("a caption fine-tune keeps the LLM of its --init model: leave model.llm empty")
+        needs = {"stage1": _STAGE1, "retrieval": ("stage1",)}.get(self.stage, _STAGE2)
+        missing = [name for name in needs if _get(self, name) is None]
+        if self.stage in ("caption", "vqa", "retrieval") and self.model.llm:
+            raise Blip2Error(f"a {self.stage} fine-tune keeps the model of its --init: leave model.llm empty")
+        if self.stage == "vqa" and self.stage2 is not None and "{}" not in self.stage2.prompt:
+            raise Blip2Error(f"stage2.prompt {self.stage2.prompt!r}: a VQA prompt marks the question with {{}}, "
+                             "e.g. 'Question: {} Answer:'")
         if self.stage == "stage2" and self.model.llm == "tiny" and self.model.tiny_llm is None:
             missing.append("model.tiny_llm")
         if any(s.kind == "webdataset" for s in self.data.sources) and self.data.shuffle_buffer is None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.helpers import BLIP2, REPO, blip2, cli_env, free_port
-from tests.train.tiny_tasks import B, forward_backward, task_for, tiny_batch
+from tests.train.tiny_tasks import B, batch_for, forward_backward, task_for
 
 DEEPSPEED = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
 WORKER = REPO / "tests" / "ds_worker.py"
@@ -51,15 +51,15 @@ def assets(tmp_path_factory, hf_opt):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("zero", [2, 3])
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.parametrize("stage, zero", [("stage1", 2), ("stage1", 3), ("stage2", 2), ("stage2", 3), ("vqa", 2)])
 def test_zero_two_ranks_equal_one_process(stage, zero, assets, tmp_path):
+    """Losses and full gradients; ``vqa`` is a fine-tune with the ViT trained and a Q-Former reading the question."""
     proc = launch([str(WORKER), "--stage", stage, "--zero", str(zero), "--assets", str(assets), "--out",
                    str(tmp_path)], cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     got = torch.load(tmp_path / f"zero{zero}.pt")
     task = task_for(stage, str(assets))
-    losses, grads = forward_backward(task, tiny_batch(2 * B))
+    losses, grads = forward_backward(task, batch_for(stage, 2 * B))
     for k in losses:
         torch.testing.assert_close(got["losses"][k], losses[k], atol=1e-5, rtol=1e-5, msg=k)
     assert {f"net.{k}" if not k.startswith("net.") else k for k in got["grads"]} == set(grads)

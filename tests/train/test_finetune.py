@@ -3,6 +3,7 @@ image size, the LLM untouched, the held-out captioning loss lower than the init'
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -93,3 +94,48 @@ def test_flan_t5_caption_fine_tune_targets_the_whole_caption(hf_t5):
     pretraining = Stage2Task(model.net, tok, Stage2Loss(prompt="a photo of"))
     _, _, split_labels, _ = pretraining.prefix_lm_inputs(captions, 0, torch.device("cpu"))
     assert [[t for t in row if t != -100] for row in split_labels.tolist()] != tok(captions).input_ids
+
+
+def test_finetune_retrieval_through_the_cli_saves_a_stage1_model_with_the_trained_vit(trained_tiny, tmp_path):
+    init = trained_tiny / "runs" / "tiny-stage1" / "latest"
+    proc = blip2("finetune", "retrieval", "--recipe", "tiny", "--init", str(init), "--out", "runs",
+                 "--set", "train.steps=2", "--set", "train.save_every=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = blip2cli.load(str(init), device="cpu", dtype="float32")
+    tuned = blip2cli.load(str(tmp_path / "runs" / "tiny-retrieval" / "latest"), device="cpu", dtype="float32")
+    assert not tuned.can_generate and tuned.config.vision.image_size == 80
+    block = "vision.trunk.blocks.0.mlp.fc1.weight"
+    assert not torch.equal(before.net.state_dict()[block], tuned.net.state_dict()[block])
+    from blip2cli.data.synthetic import ShapesDataset
+
+    ShapesDataset("heldout", size=6, image_size=80).write_images(tmp_path / "heldout")
+    proc = blip2("eval", "coco-retrieval", "--model", str(tmp_path / "runs" / "tiny-retrieval" / "latest"),
+                 "--annotations", str(tmp_path / "heldout" / "annotations.json"), "--images",
+                 str(tmp_path / "heldout"), "--device", "cpu", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # texts cut at the tiny Q-Former's 32 positions, not 35
+    assert json.loads(proc.stdout)["num_images"] == 6
+    proc = blip2("finetune", "retrieval", "--recipe", "tiny", "--init", str(trained_tiny / "runs" / "tiny-stage2" /
+                 "latest"), "--out", "runs", cwd=tmp_path)
+    assert proc.returncode == 2 and "not a stage-1 model" in proc.stderr, proc.stderr
+
+
+def test_epochs_are_counted_from_the_data_and_steps_replace_them(tmp_path):
+    """``train.epochs`` gives ceil(epochs x samples / global batch) steps, the samples counted from the annotation
+    files; ``--set train.steps=N`` on an epochs recipe replaces its epochs (and the other way round)."""
+    from blip2cli.config import load_recipe
+    from blip2cli.train.loop import run_length
+    from blip2cli.train.recipe import PretrainRecipe
+    from blip2cli.train.run import finetune_recipe, one_length
+
+    (tmp_path / "a.json").write_text(json.dumps([{"image": f"{i}.jpg", "caption": "x"} for i in range(1000)]))
+    source = f"data.sources=[{{kind: caption_json, path: {tmp_path / 'a.json'}, image_root: {tmp_path}}}]"
+    spec = load_recipe(PretrainRecipe, "finetune/caption_coco_opt-2.7b", [source])
+    assert spec.train.epochs == 5 and spec.train.steps is None
+    assert run_length(spec, world=16) == 20  # ceil(5 x 1000 / (16 x 16))
+    spec = load_recipe(PretrainRecipe, "finetune/caption_coco_opt-2.7b", one_length([source, "train.steps=7"]))
+    assert run_length(spec, world=16) == 7 and spec.train.epochs is None
+    assert load_recipe(PretrainRecipe, "tiny/caption", one_length(["train.epochs=2"])).train.steps is None
+    assert finetune_recipe("caption", "blip2-flan-t5-xl") == "finetune/caption_coco_flant5-xl"
+    assert finetune_recipe("vqa", "blip2-opt-6.7b") == "finetune/vqa_vqav2_opt-6.7b"
+    assert finetune_recipe("retrieval", "lavis-stage1-vit-l") == "finetune/retrieval_coco_vit-l"
+    assert finetune_recipe("caption", "runs/mine/latest") == "finetune/caption_coco_opt-2.7b"

@@ -57,6 +57,38 @@ def stage2_task(hf_dir):
     return Stage2Task(ckpt.net, ckpt.tokenizer, Stage2Loss()).eval()
 
 
+def vqa_task(hf_dir, tokenizer_dir: str):
+    """A VQA fine-tune of the tiny OPT model: its Q-Former given a (seeded, random) text side that reads the
+    question, the ViT trained, the LLM frozen."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from blip2cli.models.blip2 import Blip2ImageToText
+    from blip2cli.models.formats.hf import load_hf_dir
+    from blip2cli.train.vqa import VqaTask
+
+    ckpt = load_hf_dir(hf_dir)
+    qtok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = ckpt.config
+    qcfg = replace(cfg.qformer, has_text=True, has_lm_head=False, vocab_size=len(qtok), max_position_embeddings=64)
+    torch.manual_seed(0)
+    net = Blip2ImageToText(replace(cfg, qformer=qcfg, qformer_text_input=True),
+                           language_model=ckpt.net.language_model.model)
+    net.load_state_dict(ckpt.net.state_dict(), strict=False)
+    net.language_model.requires_grad_(False)
+    return VqaTask(net, ckpt.tokenizer, qtok, Stage2Loss(prompt="Question: {} Answer:")).eval()
+
+
+def tiny_vqa_batch(n: int) -> dict:
+    """``n`` drawn images, a question on each, and one to three weighted answers."""
+    batch = tiny_batch(n)
+    words = [tiny.CORPUS[i % 7].split() for i in range(n)]
+    return {"image": batch["image"], "question": [f"what is {w[0]} ?" for w in words],
+            "answers": [w[1:1 + 1 + i % 3] for i, w in enumerate(words)],
+            "weights": [[1.0 / (1 + i % 3)] * (1 + i % 3) for i in range(n)]}
+
+
 def _grads(task) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
 
@@ -76,4 +108,15 @@ def recipe_for(zero: int) -> PretrainRecipe:
 
 def task_for(stage: str, assets: str):
     """The tasks above, from files made once (tokenizer training is not repeatable)."""
+    if stage == "vqa":
+        return vqa_task(f"{assets}/opt", f"{assets}/bert")
     return stage1_task(f"{assets}/bert") if stage == "stage1" else stage2_task(f"{assets}/opt")
+
+
+def batch_for(stage: str, n: int) -> dict:
+    return tiny_vqa_batch(n) if stage == "vqa" else tiny_batch(n)
+
+
+def rank_part(batch: dict, rank: int) -> dict:
+    """Rank ``rank``'s B items of a batch made for every rank."""
+    return {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()}

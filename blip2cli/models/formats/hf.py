@@ -1,5 +1,6 @@
-"""transformers' BLIP-2 directories (``Blip2ForConditionalGeneration``, ``Blip2ForImageTextRetrieval``): load,
-and export to them."""
+"""transformers' BLIP-2 directories (``Blip2ForConditionalGeneration``, ``Blip2ForImageTextRetrieval``) and
+InstructBLIP ones (``InstructBlipForConditionalGeneration``: a Q-Former that reads the question): load, and export
+to them."""
 
 from __future__ import annotations
 
@@ -21,13 +22,18 @@ from ..vision import CLIP_MEAN, CLIP_STD, VisionConfig
 from ..weights import WEIGHTS_FILE, few_keys, first_line, load_tokenizer, read_safetensors_dir, refuse_remote_code, untie_for_saving
 
 
+# where InstructBlipProcessor looks for its second tokenizer
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
+
+
 def config_from_hf(hf) -> Blip2Config:
-    """Our config from a ``transformers.Blip2Config``."""
+    """Our config from a ``transformers.Blip2Config`` or ``transformers.InstructBlipConfig``."""
     v, q = hf.vision_config, hf.qformer_config
     if getattr(v, "hidden_act", "gelu") != "gelu" or not getattr(v, "qkv_bias", True):
         raise Blip2Error("unsupported vision config: BLIP-2 towers use exact GELU and q/v biases")
     archs = hf.architectures or []
-    retrieval = "Blip2ForImageTextRetrieval" in archs or (q.use_qformer_text_input and not archs)
+    instruct = hf.model_type == "instructblip"
+    retrieval = not instruct and ("Blip2ForImageTextRetrieval" in archs or (q.use_qformer_text_input and not archs))
     vision = VisionConfig(kind="eva", image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size,
                           layers=v.num_hidden_layers, heads=v.num_attention_heads, mlp_dim=v.intermediate_size,
                           layer_norm_eps=v.layer_norm_eps)
@@ -38,17 +44,19 @@ def config_from_hf(hf) -> Blip2Config:
         max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.layer_norm_eps,
         dropout=q.hidden_dropout_prob, attention_dropout=q.attention_probs_dropout_prob,
         pad_token_id=q.pad_token_id if q.pad_token_id is not None else 0,
-        has_text=bool(retrieval), has_lm_head=False,
+        has_text=retrieval or instruct, has_lm_head=False,
     )
     text = None if retrieval else hf.text_config.to_dict()
-    return Blip2Config(vision=vision, qformer=qformer, text=text, embed_dim=hf.image_text_hidden_size,
+    return Blip2Config(vision=vision, qformer=qformer, text=text,
+                       embed_dim=getattr(hf, "image_text_hidden_size", Blip2Config.embed_dim),
                        ln_vision_eps=v.layer_norm_eps,
-                       image_token_id=None if retrieval else hf.image_token_index)
+                       image_token_id=None if retrieval else hf.image_token_index, qformer_text_input=instruct)
 
 
 def config_to_hf(cfg: Blip2Config):
-    """A ``transformers.Blip2Config`` for our config (EVA-style towers only)."""
-    from transformers import Blip2Config as HFConfig
+    """A ``transformers.Blip2Config`` for our config, or an ``InstructBlipConfig`` where the Q-Former reads the
+    question (EVA-style towers only)."""
+    from transformers import Blip2Config as HFConfig, InstructBlipConfig
 
     v, q = cfg.vision, cfg.qformer
     if v.kind != "eva":
@@ -61,7 +69,13 @@ def config_to_hf(cfg: Blip2Config):
                    vocab_size=q.vocab_size, max_position_embeddings=q.max_position_embeddings,
                    layer_norm_eps=q.layer_norm_eps, hidden_dropout_prob=q.dropout,
                    attention_probs_dropout_prob=q.attention_dropout, pad_token_id=q.pad_token_id,
-                   use_qformer_text_input=q.has_text, encoder_hidden_size=v.width)
+                   encoder_hidden_size=v.width)
+    if cfg.qformer_text_input:
+        hf = InstructBlipConfig(vision_config=vision, qformer_config=qformer, text_config=dict(cfg.text),
+                                num_query_tokens=q.num_query_tokens, image_token_index=cfg.image_token_id)
+        hf.architectures = ["InstructBlipForConditionalGeneration"]
+        return hf
+    qformer["use_qformer_text_input"] = q.has_text
     kwargs: dict[str, Any] = dict(vision_config=vision, qformer_config=qformer, num_query_tokens=q.num_query_tokens,
                                   image_text_hidden_size=cfg.embed_dim)
     if cfg.text is not None:
@@ -72,31 +86,49 @@ def config_to_hf(cfg: Blip2Config):
 
 
 def load_hf_dir(path: Path, dtype: torch.dtype | None = None, generation: str | None = None) -> Checkpoint:
-    """A transformers ``Blip2ForConditionalGeneration`` / ``Blip2ForImageTextRetrieval`` directory."""
-    from transformers import Blip2Config as HFConfig
+    """A transformers ``Blip2ForConditionalGeneration`` / ``Blip2ForImageTextRetrieval`` /
+    ``InstructBlipForConditionalGeneration`` directory."""
+    from transformers import Blip2Config as HFConfig, InstructBlipConfig
 
     path = Path(path)
     refuse_remote_code(path)
     try:
-        hf = HFConfig.from_pretrained(path, trust_remote_code=False)
+        config_class = InstructBlipConfig if _model_type(path) == "instructblip" else HFConfig
+        hf = config_class.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
         raise Blip2Error(f"{path}: not a BLIP-2 checkpoint directory ({first_line(e)})") from None
     cfg = config_from_hf(hf)
     raw = read_safetensors_dir(path)
     lm_state = {k[len("language_model."):]: raw.pop(k) for k in [k for k in raw if k.startswith("language_model.")]}
-    state, unknown = keymaps.translate(raw, keymaps.HF_KEYS.to_ours,
+    state, unknown = keymaps.translate(raw, _keys(cfg).to_ours,
                                        skip=("embeddings.position_ids", "qformer.embeddings.position_ids"))
     if unknown:
         raise Blip2Error(f"{path}: unexpected keys {few_keys(sorted(unknown))}")
     net = build(cfg, state, lm_state if cfg.text is not None else None, str(path), dtype,
                 allow_missing={"temp"})
     tok = load_tokenizer(path, llm_padding_side(cfg)) if cfg.text is not None else None
-    qtok = load_tokenizer(path) if cfg.text is None else None
+    qtok = load_tokenizer(path / QFORMER_TOKENIZER_DIR) if cfg.qformer_text_input else (
+        load_tokenizer(path) if cfg.text is None else None)
     return Checkpoint(net, cfg, tok, qtok, generation if cfg.text is not None else None, str(path))
 
 
+def _model_type(path: Path) -> str | None:
+    """``model_type`` of a directory's ``config.json`` (None where unreadable: the config class reports that)."""
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("model_type") if isinstance(data, dict) else None
+
+
+def _keys(cfg: Blip2Config) -> keymaps.KeyMap:
+    return keymaps.INSTRUCTBLIP_KEYS if cfg.qformer_text_input else keymaps.HF_KEYS
+
+
 def export_hf(ckpt: Checkpoint, out: Path) -> Path:
-    """Write a directory ``transformers`` loads as ``Blip2ForConditionalGeneration`` or ``Blip2ForImageTextRetrieval``.
+    """Write a directory ``transformers`` loads as ``Blip2ForConditionalGeneration`` or ``Blip2ForImageTextRetrieval``,
+    or, for a Q-Former that reads the question, as ``InstructBlipForConditionalGeneration`` with an
+    ``InstructBlipProcessor`` (its Q-Former tokenizer in ``qformer_tokenizer/``).
 
     An image-to-text model without an ``<image>`` token gets one; when the LLM's vocabulary has no
     free row for it, the exported embeddings (and LM head) grow by that one row.
@@ -104,6 +136,8 @@ def export_hf(ckpt: Checkpoint, out: Path) -> Path:
     from safetensors.torch import save_file
 
     cfg, tok = ckpt.config, ckpt.tokenizer if ckpt.config.text is not None else ckpt.qformer_tokenizer
+    if cfg.qformer_text_input and ckpt.qformer_tokenizer is None:
+        raise Blip2Error("cannot export to InstructBLIP: this checkpoint has no Q-Former tokenizer for the question")
     grown: dict[str, torch.Tensor] = {}
     if cfg.text is not None and cfg.image_token_id is None:
         cfg, tok = _with_image_token(cfg, tok)
@@ -119,7 +153,7 @@ def export_hf(ckpt: Checkpoint, out: Path) -> Path:
     for key, value in ours.items():
         if key == "temp" or key.startswith("qformer.lm_head."):
             continue  # transformers' classes have no temperature and no Q-Former LM head
-        new = keymaps.HF_KEYS.to_theirs(key)
+        new = _keys(cfg).to_theirs(key)
         if new is None:
             raise Blip2Error(f"cannot export {key}: no transformers counterpart")
         state[new] = value.detach().contiguous()
@@ -129,6 +163,11 @@ def export_hf(ckpt: Checkpoint, out: Path) -> Path:
         hf.save_pretrained(tmp)
         if tok is not None:
             tok.save_pretrained(tmp)
+        if cfg.qformer_text_input:
+            ckpt.qformer_tokenizer.save_pretrained(tmp / QFORMER_TOKENIZER_DIR)
+            # InstructBlipProcessor expands one <image> per query: it reads their number here
+            processor = {"processor_class": "InstructBlipProcessor", "num_query_tokens": cfg.qformer.num_query_tokens}
+            (tmp / "processor_config.json").write_text(json.dumps(processor, indent=2))
         _write_preprocessor(tmp, cfg.vision.image_size)
     return out
 
