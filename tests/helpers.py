@@ -109,3 +109,27 @@ def recipe_schema(name: str):
         "prepare": CapFiltRecipe if stem == "capfilt" else DownloadRecipe,
         "deepspeed": None,
     }[group]
+
+
+def straight_and_killed_runs(args: list[str], cwd: Path, first_checkpoint: str,
+                             timeout: float = 900) -> tuple[Path, Path]:
+    """``blip2 ARGS`` (a run writing to ``cwd/runs``) once straight through as ``--name straight``, and once as
+    ``--name killed``: SIGKILLed as soon as its first checkpoint (``first_checkpoint``, e.g. ``step-000020``) is
+    written, then rerun to the end, continuing from that checkpoint. Returns the two run directories."""
+    import signal
+    import time
+
+    straight = blip2(*args, "--name", "straight", cwd=cwd, timeout=timeout)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    proc = subprocess.Popen([BLIP2, *args, "--name", "killed"], cwd=cwd, env=cli_env(), stderr=subprocess.DEVNULL)
+    run = Path(cwd) / "runs" / "killed"
+    deadline = time.time() + 600
+    while not (run / "latest").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / "latest").resolve().name == first_checkpoint
+    resumed = blip2(*args, "--name", "killed", "--resume", "auto", cwd=cwd, timeout=timeout)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    return Path(cwd) / "runs" / "straight", run

@@ -60,30 +60,29 @@ def build_data(recipe: PretrainRecipe, rank: int, world: int):
                                               max_words=d.max_words, shuffle=d.shuffle_buffer))
     weights = [s.weight for s in d.sources]
     if d.shares == "size":
-        if not all(hasattr(source, "__len__") for source in sources):
-            raise Blip2Error("data.shares size: every source needs a known size (annotation files, shapes)")
-        weights = [float(len(source)) for source in sources]
+        weights = [float(n) for n in source_sizes(recipe, sources, "data.shares size", "give weights instead")]
     mixture = Mixture(sources, weights, seed=seed + 7919 * rank, block_size=d.batch_size)
     return mixture
 
 
-def run_length(recipe: PretrainRecipe, world: int) -> int:
-    """The run's optimiser steps: ``train.steps``, or ``train.epochs`` passes over the samples its sources hold
-    together, at ``batch_size x grad_accum x world`` samples a step (the last step completing the last pass)."""
+def source_sizes(recipe: PretrainRecipe, sources: list, setting: str, instead: str) -> list[int]:
+    """The samples of each built source (annotation files, shapes); ``setting``, which needs them, is refused in one
+    line (ending ``instead``) for a source whose size is not known before it is read (webdataset shards)."""
+    for spec, source in zip(recipe.data.sources, sources):
+        if not hasattr(source, "__len__"):
+            raise Blip2Error(f"{setting}: the size of {spec.path} ({spec.kind}) is not known before it is read; "
+                             f"{instead}")
+    return [len(source) for source in sources]
+
+
+def run_length(recipe: PretrainRecipe, sources: list, world: int) -> int:
+    """The run's optimiser steps: ``train.steps``, or ``train.epochs`` passes over the samples its ``sources`` (the
+    built datasets, in the recipe's order) hold together, at ``batch_size x grad_accum x world`` samples a step (the
+    last step completing the last pass)."""
     t, d = recipe.train, recipe.data
     if t.steps is not None:
         return t.steps
-    samples = 0
-    for s in d.sources:
-        if s.kind.startswith("shapes"):
-            samples += s.size
-        elif s.kind == "caption_json":
-            samples += len(CaptionJsonDataset(s.path, s.image_root))
-        elif s.kind == "vqa_json":
-            samples += len(VqaJsonDataset(s.path, s.image_root))
-        else:
-            raise Blip2Error(f"train.epochs: the size of {s.path} ({s.kind}) is not known before it is read; "
-                             "give train.steps instead")
+    samples = sum(source_sizes(recipe, sources, "train.epochs", "give train.steps instead"))
     return max(1, math.ceil(t.epochs * samples / (d.batch_size * t.grad_accum * world)))
 
 
@@ -335,11 +334,12 @@ def _train(recipe: PretrainRecipe, task: Task, ckpt: Checkpoint, start: Start,
 
     rank, world = dist.rank(), dist.world_size()
     t, run_dir = recipe.train, start.run
+    mixture = build_data(recipe, rank, world)
+    t.steps = run_length(recipe, mixture.sources, world)  # recorded in the provenance: epochs as steps
     if rank == 0:
         rundir.clear_partial(run_dir)
         rundir.write_provenance(run_dir, asdict(recipe), rundir.command_line())
     engine = make_engine(task, recipe, device)
-    mixture = build_data(recipe, rank, world)
     step, rng = 0, None
     if start.checkpoint is not None:
         step, rng = resume_from(engine, mixture, start.checkpoint)

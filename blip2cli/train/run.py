@@ -101,7 +101,6 @@ def train(stage: str, spec: PretrainRecipe, run_dir: Path, out: Path, resume: st
 
     quiet_transformers()
     device = dist.init_distributed()
-    spec.train.steps = loop.run_length(spec, dist.world_size())
     loop.seed_everything(spec.train.seed + dist.rank())
     start = loop.prepare(run_dir, resume, overwrite)  # lock the run directory, choose the checkpoint
     if stage == "stage1":

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..models.assemble import Checkpoint
 from ..models.blip2 import Blip2Config, Blip2ImageToText, Blip2Stage1
@@ -17,10 +16,10 @@ from ..runtime.devices import dtype_of
 from ..runtime.errors import Blip2Error
 from .build import fine_tune_start, freeze
 from .recipe import PretrainRecipe
-from .tasks import Stage2Loss
+from .tasks import Stage2Loss, Stage2Task
 
 
-class VqaTask(nn.Module):
+class VqaTask(Stage2Task):
     """Answer generation through a frozen LLM, with BLIP's VQA loss: each (question, distinct answer) pair is a
     sequence whose summed token loss is weighted by that answer's share; the batch loss is the weighted sum over
     the batch's questions, divided by their number.
@@ -29,15 +28,12 @@ class VqaTask(nn.Module):
     """
 
     def __init__(self, net: Blip2ImageToText, tokenizer: Any, qformer_tokenizer: Any, settings: Stage2Loss) -> None:
-        super().__init__()
         if "{}" not in settings.prompt:
             raise ValueError(f"a VQA prompt marks the question with {{}}: {settings.prompt!r}")
         if (qformer_tokenizer is not None) != net.config.qformer_text_input:
             raise ValueError("a Q-Former tokenizer goes with a Q-Former that reads the question, and only with one")
-        self.net = net
-        self.tokenizer = tokenizer
+        super().__init__(net, tokenizer, settings)
         self.qformer_tokenizer = qformer_tokenizer
-        self.settings = settings
 
     def soft_prompts(self, pixels: torch.Tensor, questions: list[str]) -> torch.Tensor:
         """One visual prompt per question (the Q-Former reads the question when it can)."""
@@ -60,8 +56,9 @@ class VqaTask(nn.Module):
         answers = [answer for _, answer, _ in rows]
         lm = self.net.language_model
         if lm.is_encoder_decoder:
-            enc_ids, enc_mask = self._tokens(prompts, device, special=True)
-            dec_ids, dec_mask = self._tokens(answers, device, special=True)
+            self.tokenizer.padding_side = "right"
+            enc_ids, enc_mask = self._encode(prompts, device)
+            dec_ids, dec_mask = self._encode(answers, device)
             labels = dec_ids.masked_fill(dec_mask == 0, -100)
             logits = lm(soft, enc_ids, enc_mask, labels=labels, decoder_attention_mask=dec_mask).logits
         else:
@@ -72,13 +69,6 @@ class VqaTask(nn.Module):
                                      reduction="none").sum(dim=1)
         loss = (weights * per_answer).sum() / len(questions)
         return {"loss": loss, "vqa": loss.detach()}
-
-    def _tokens(self, texts: list[str], device, special: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        max_len = self.settings.max_txt_len
-        self.tokenizer.padding_side = "right"
-        enc = self.tokenizer(texts, padding="longest", truncation=max_len is not None, max_length=max_len,
-                             return_tensors="pt", add_special_tokens=special)
-        return enc.input_ids.to(device), enc.attention_mask.to(device)
 
     def prompt_then_answer(self, prompts: list[str], answers: list[str],
                            device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

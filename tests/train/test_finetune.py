@@ -123,7 +123,7 @@ def test_epochs_are_counted_from_the_data_and_steps_replace_them(tmp_path):
     """``train.epochs`` gives ceil(epochs x samples / global batch) steps, the samples counted from the annotation
     files; ``--set train.steps=N`` on an epochs recipe replaces its epochs (and the other way round)."""
     from blip2cli.config import load_recipe
-    from blip2cli.train.loop import run_length
+    from blip2cli.train.loop import build_data, run_length
     from blip2cli.train.recipe import PretrainRecipe
     from blip2cli.train.run import finetune_recipe, one_length
 
@@ -131,9 +131,9 @@ def test_epochs_are_counted_from_the_data_and_steps_replace_them(tmp_path):
     source = f"data.sources=[{{kind: caption_json, path: {tmp_path / 'a.json'}, image_root: {tmp_path}}}]"
     spec = load_recipe(PretrainRecipe, "finetune/caption_coco_opt-2.7b", [source])
     assert spec.train.epochs == 5 and spec.train.steps is None
-    assert run_length(spec, world=16) == 20  # ceil(5 x 1000 / (16 x 16))
+    assert run_length(spec, build_data(spec, 0, 16).sources, world=16) == 20  # ceil(5 x 1000 / (16 x 16))
     spec = load_recipe(PretrainRecipe, "finetune/caption_coco_opt-2.7b", one_length([source, "train.steps=7"]))
-    assert run_length(spec, world=16) == 7 and spec.train.epochs is None
+    assert run_length(spec, build_data(spec, 0, 16).sources, world=16) == 7 and spec.train.epochs is None
     assert load_recipe(PretrainRecipe, "tiny/caption", one_length(["train.epochs=2"])).train.steps is None
     assert finetune_recipe("caption", "blip2-flan-t5-xl") == "finetune/caption_coco_flant5-xl"
     assert finetune_recipe("vqa", "blip2-opt-6.7b") == "finetune/vqa_vqav2_opt-6.7b"

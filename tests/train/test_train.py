@@ -18,7 +18,7 @@ from blip2cli.runtime.errors import Blip2Error
 from blip2cli.train.recipe import PretrainRecipe, deepspeed_config
 from blip2cli.train.schedule import lr_at, param_groups
 
-from tests.helpers import BLIP2, blip2, cli_env
+from tests.helpers import BLIP2, blip2, cli_env, straight_and_killed_runs
 
 
 def test_every_pretrain_recipe_loads():
@@ -186,26 +186,12 @@ def _metrics(run: Path) -> dict[int, dict]:
 def test_resume_after_sigkill_equals_a_straight_run(tmp_path):
     args = ["pretrain", "stage1", "--recipe", "tiny", "--out", "runs", "--set", "train.steps=40",
             "--set", "train.save_every=20", "--set", "train.log_every=1000"]
-    straight = blip2(*args, "--name", "straight", cwd=tmp_path, timeout=900)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-
-    proc = subprocess.Popen([BLIP2, *args, "--name", "killed"], cwd=tmp_path, env=cli_env(), stderr=subprocess.DEVNULL)
-    run = tmp_path / "runs" / "killed"
-    deadline = time.time() + 600
-    while not (run / "latest").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (run / "latest").resolve().name == "step-000020"
-    resumed = blip2(*args, "--name", "killed", "--resume", "auto", cwd=tmp_path, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stderr
-
-    a, b = _metrics(tmp_path / "runs" / "straight"), _metrics(run)
+    straight, run = straight_and_killed_runs(args, tmp_path, "step-000020")
+    a, b = _metrics(straight), _metrics(run)
     for step in range(21, 41):
         for key in ("loss", "itc", "itm", "itg", "lr"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-6), (step, key)
-    wa, wb = _final_weights(tmp_path / "runs" / "straight"), _final_weights(run)
+    wa, wb = _final_weights(straight), _final_weights(run)
     assert wa.keys() == wb.keys()
     for k in wa:
         # A key bias adds the same amount to every attention score of a row: softmax ignores it, so its

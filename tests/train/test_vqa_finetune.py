@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -14,30 +13,19 @@ import blip2cli
 from blip2cli.api import questions_and_prompts
 from blip2cli.data.datasets import VqaJsonDataset, answer_weights
 from blip2cli.data.synthetic import ShapesQADataset
-from blip2cli.models.blip2 import Blip2ImageToText
 from blip2cli.runtime.errors import Blip2Error
 from blip2cli.train.tasks import Stage2Loss
 from blip2cli.train.vqa import VqaTask
 
 from tests.helpers import blip2
-
-
-def _question_aware(model) -> Blip2ImageToText:
-    """``model``'s network with a Q-Former text side (random) that reads the question."""
-    cfg = model.config
-    qcfg = replace(cfg.qformer, has_text=True, has_lm_head=False, vocab_size=40, max_position_embeddings=16)
-    aware = Blip2ImageToText(replace(cfg, qformer=qcfg, qformer_text_input=True),
-                             language_model=model.net.language_model.model)
-    missing, unexpected = aware.load_state_dict(model.net.state_dict(), strict=False)
-    assert not unexpected and all(".embeddings." in k or ".text_ffn." in k for k in missing)
-    return aware.eval()
+from tests.train.tiny_tasks import question_aware
 
 
 def test_a_question_masked_out_leaves_the_plain_q_former(trained_tiny):
     """With every question token masked, the queries attend only to each other and the image: the query output is
     the question-blind Q-Former's; with the question visible it changes."""
     model = blip2cli.load(str(trained_tiny / "runs" / "tiny-stage2" / "latest"), device="cpu", dtype="float32")
-    aware = _question_aware(model)
+    aware = question_aware(model.net, vocab_size=40, max_positions=16).eval()
     torch.manual_seed(0)
     pixels = torch.randn(3, 3, 64, 64)
     ids = torch.randint(5, 40, (3, 7))
@@ -191,32 +179,17 @@ def test_a_missing_vqa_dataset_names_the_prepare_command(tmp_path):
 def test_a_killed_vqa_fine_tune_resumes_to_the_uninterrupted_run(trained_tiny, tmp_path):
     """SIGKILL after the first checkpoint, rerun: the losses after it and the final weights (the trained ViT's
     fp32 weights and the Q-Former's included) equal a run never interrupted."""
-    import signal
-    import subprocess
-    import time
-
-    from tests.helpers import BLIP2, cli_env
+    from tests.helpers import straight_and_killed_runs
     from tests.train.test_train import _final_weights, _metrics
 
     args = ["finetune", "vqa", "--recipe", "tiny", "--init", str(trained_tiny / "runs" / "tiny-stage2" / "latest"),
             "--set", f"model.qformer_text_init={trained_tiny / 'runs' / 'tiny-stage1' / 'latest'}", "--out", "runs",
             "--set", "train.steps=6", "--set", "train.save_every=3", "--set", "train.log_every=1000"]
-    straight = blip2(*args, "--name", "straight", cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    proc = subprocess.Popen([BLIP2, *args, "--name", "killed"], cwd=tmp_path, env=cli_env(), stderr=subprocess.DEVNULL)
-    run = tmp_path / "runs" / "killed"
-    deadline = time.time() + 600
-    while not (run / "latest").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (run / "latest").resolve().name == "step-000003"
-    resumed = blip2(*args, "--name", "killed", cwd=tmp_path)
-    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
-    a, b = _metrics(tmp_path / "runs" / "straight"), _metrics(run)
+    straight, run = straight_and_killed_runs(args, tmp_path, "step-000003")
+    a, b = _metrics(straight), _metrics(run)
     for step in range(4, 7):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5), step
-    wa, wb = _final_weights(tmp_path / "runs" / "straight"), _final_weights(run)
+    wa, wb = _final_weights(straight), _final_weights(run)
     assert wa.keys() == wb.keys() and any(k.startswith("vision.") for k in wa)
     for k in wa:
         if not k.endswith("key.bias"):  # softmax ignores a key bias: its gradient is rounding noise (test_train)

@@ -57,25 +57,35 @@ def stage2_task(hf_dir):
     return Stage2Task(ckpt.net, ckpt.tokenizer, Stage2Loss()).eval()
 
 
+def question_aware(net, vocab_size: int, max_positions: int):
+    """A copy of the image-to-text network ``net`` (sharing its LLM) whose Q-Former reads the question: its weights,
+    plus a random text side (word and position embeddings, text FFNs), which is all it lacked."""
+    from dataclasses import replace
+
+    from blip2cli.models.blip2 import Blip2ImageToText
+
+    cfg = net.config
+    qcfg = replace(cfg.qformer, has_text=True, has_lm_head=False, vocab_size=vocab_size,
+                   max_position_embeddings=max_positions)
+    aware = Blip2ImageToText(replace(cfg, qformer=qcfg, qformer_text_input=True),
+                             language_model=net.language_model.model)
+    missing, unexpected = aware.load_state_dict(net.state_dict(), strict=False)
+    assert not unexpected and all(".embeddings." in k or ".text_ffn." in k for k in missing)
+    return aware
+
+
 def vqa_task(hf_dir, tokenizer_dir: str):
     """A VQA fine-tune of the tiny OPT model: its Q-Former given a (seeded, random) text side that reads the
     question, the ViT trained, the LLM frozen."""
-    from dataclasses import replace
-
     from transformers import AutoTokenizer
 
-    from blip2cli.models.blip2 import Blip2ImageToText
     from blip2cli.models.formats.hf import load_hf_dir
     from blip2cli.train.vqa import VqaTask
 
     ckpt = load_hf_dir(hf_dir)
     qtok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = ckpt.config
-    qcfg = replace(cfg.qformer, has_text=True, has_lm_head=False, vocab_size=len(qtok), max_position_embeddings=64)
     torch.manual_seed(0)
-    net = Blip2ImageToText(replace(cfg, qformer=qcfg, qformer_text_input=True),
-                           language_model=ckpt.net.language_model.model)
-    net.load_state_dict(ckpt.net.state_dict(), strict=False)
+    net = question_aware(ckpt.net, len(qtok), max_positions=64)
     net.language_model.requires_grad_(False)
     return VqaTask(net, ckpt.tokenizer, qtok, Stage2Loss(prompt="Question: {} Answer:")).eval()
 
