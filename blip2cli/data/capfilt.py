@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
 
 from ..config import checked, from_dict, read_yaml, recipe_path
 from ..models.capfilt_captioner import Captioner, blip_pixels
@@ -30,6 +29,7 @@ from ..models.sampling import row_seed
 from ..runtime import dist
 from ..runtime.devices import rank_device, resolve_dtype
 from ..runtime.errors import Blip2Error
+from ..runtime.extras import import_extra, require_extra
 from ..runtime.io import atomic_path, atomic_write_text
 from ..runtime.progress import progress, quiet_transformers
 from .datasets import decode_image, expand_shards, sample_meta, web_caption
@@ -72,6 +72,7 @@ class CapFiltRecipe:
 
 def read_samples(path: Path) -> Iterator[dict[str, Any]]:
     """The samples of a webdataset tar in order: ``{"__key__": key, ext: bytes, ...}``."""
+    wds = import_extra("webdataset", "data", "reading webdataset shards")
     for sample in wds.tariterators.tarfile_samples([{"url": str(path)}]):
         yield {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
 
@@ -250,6 +251,7 @@ def capfilt(shards: Sequence[str], out: Path, spec: CapFiltRecipe, device: str =
             on_shard: Callable[[dict[str, Any]], None] | None = None) -> CapFiltRun:
     """Caption the images of ``shards`` (files, directories, globs or brace patterns) into one shard each in
     ``out``, sharded over ranks under a launcher; ``on_shard`` is told each shard's stats as it finishes."""
+    require_extra("data", "blip2 prepare capfilt")
     inputs = list_shards(shards)
     dev = rank_device(device)
     out.mkdir(parents=True, exist_ok=True)

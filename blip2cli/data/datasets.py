@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..runtime.errors import Blip2Error
+from ..runtime.extras import import_extra
 from ..runtime.io import read_json
 from ..images import ImageError, open_rgb
 from .text import pre_caption, pre_question
@@ -186,7 +186,7 @@ def expand_shards(urls: Sequence[str] | str) -> list[str]:
         if Path(url).is_dir():
             shards.extend(sorted(str(p) for p in Path(url).glob("*.tar")))
             continue
-        for pattern in wds.shardlists.expand_urls(url):
+        for pattern in _webdataset().shardlists.expand_urls(url):
             local = "://" not in pattern and not pattern.startswith("pipe:")
             shards.extend(sorted(glob.glob(pattern)) if local and glob.has_magic(pattern) else [pattern])
     for shard in shards:
@@ -196,6 +196,11 @@ def expand_shards(urls: Sequence[str] | str) -> list[str]:
     if not shards:
         raise Blip2Error(f"no .tar shards found in {', '.join(map(str, urls))}")
     return shards
+
+
+def _webdataset():
+    """The ``webdataset`` library (training and data preparation read shards with it: their extras install it)."""
+    return import_extra("webdataset", "train", "reading webdataset shards")
 
 
 class WebDatasetSamples(IterableDataset):
@@ -236,6 +241,7 @@ class WebDatasetSamples(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info else 0
+        wds = _webdataset()
         samples = wds.tarfile_samples([{"url": url} for url in self.worker_shards()], handler=self._on_error)
         if self.shuffle > 1:
             rng = random.Random(f"buffer:{self.seed}:{self.epoch}:{self.rank}:{worker}")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.errors import Blip2Error
+from ..runtime.extras import require_extra
 from ..images import MAX_PIXELS
 from ..runtime.io import atomic_write_text, read_json
 
@@ -336,6 +337,7 @@ def _short(reason: str, width: int = 120) -> str:
 def prepare_download(inputs: list[str], work: Path, recipe: DownloadRecipe, subset: int | None = None,
                      seed: int = 0) -> dict[str, Any]:
     """The whole ``blip2 prepare <web source>`` job; returns the summary (also kept in ``_prepare``)."""
+    require_extra("data", "downloading images (blip2 prepare)")
     recipe.check()
     files = input_files(inputs, recipe)
     rows = write_url_list(files, recipe, work, subset, seed)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.errors import Blip2Error
+from ..runtime.extras import require_extra
 from .checks import check_agrees, check_data, check_init, choose_recipe
 from .recipe import PretrainRecipe
 
@@ -34,6 +35,7 @@ def pretrain(stage: str, recipe: str | None = None, choice: str | None = None, o
     checkpoint; ``overwrite`` starts over. See ``train`` for what it returns."""
     from ..config import load_recipe
 
+    require_extra("train", "blip2 pretrain")
     recipe_name = choose_recipe(stage, recipe, choice)
     spec = load_recipe(PretrainRecipe, recipe_name, one_length(overrides or []))
     if spec.stage != stage:
@@ -82,6 +84,7 @@ def finetune(task: str, recipe: str | None = None, overrides: list[str] | None =
     from ..config import load_recipe
     from .checks import recipe_name
 
+    require_extra("train", "blip2 finetune")
     name_of_recipe = recipe_name(recipe, task) if recipe else finetune_recipe(task, init)
     spec = load_recipe(PretrainRecipe, name_of_recipe, one_length(overrides or []))
     if spec.stage != task:
