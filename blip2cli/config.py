@@ -23,7 +23,7 @@ class Check:
     """The values a recipe field allows, declared beside the field with :func:`checked`.
 
     Bounds apply to a number, or to each item of a list of numbers; a float with any bound must also be
-    finite. ``choices`` lists the allowed values.
+    finite. ``choices`` lists the allowed values (of each item, for a list).
     """
 
     gt: float | None = None
@@ -35,7 +35,7 @@ class Check:
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not allowed (``expected ...``), or None."""
         if self.choices is not None:
-            if value not in self.choices:
+            if any(item not in self.choices for item in (value if isinstance(value, list) else [value])):
                 names = [str(c) for c in self.choices]
                 return f"expected {', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else f"expected {names[0]}"
             return None
@@ -125,7 +125,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         value = _number(value, hint, where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+    if hint in (int, float, str, bool) and not (
+            isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise Blip2Error(f"{where}: expected {hint.__name__}, got {value!r}")
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):

@@ -43,7 +43,8 @@ def main() -> None:
             g = safe_get_full_grad(p)  # a collective under ZeRO-3: every rank asks for every parameter
             if g is not None:
                 grads[name] = g.detach().clone().float()
-    losses = {k: dist.sum_all(v.detach().float()) / world for k, v in out.items()}
+    # the losses are means over the batch; the text tokens add up
+    losses = {k: dist.sum_all(v.detach().float()) / (1 if k == "tokens" else world) for k, v in out.items()}
     if rank == 0:
         torch.save({"losses": losses, "grads": grads}, os.path.join(args.out, f"zero{args.zero}.pt"))
     torch.distributed.barrier()

@@ -133,3 +133,45 @@ def straight_and_killed_runs(args: list[str], cwd: Path, first_checkpoint: str,
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
     return Path(cwd) / "runs" / "straight", run
+
+
+def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag of a TensorBoard log directory as TensorBoard shows it: ``tag -> [(step, value)]``, events
+    an earlier start wrote after a later start's ``purge_step`` left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def wandb_offline_history(run_dir: Path) -> list[tuple[str, dict]]:
+    """The history rows of every offline W&B run under ``run_dir/wandb`` (one ``offline-run-*`` folder per start),
+    in the order written: ``[(run id, {"_step": ..., key: value})]``, read from the ``.wandb`` files W&B syncs
+    (a log of 32 KiB blocks of checksummed chunks, each record a ``wandb_internal_pb2.Record``)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", path
+        pos, block, pending = 7, 32768, b""
+        while pos + 7 <= len(data):
+            left = block - pos % block
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if left < 7 or (length == 0 and kind == 0):  # the zero-filled end of a block
+                pos += left
+                continue
+            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            pending = chunk if kind in (1, 2) else pending + chunk  # full, first, middle, last
+            if kind not in (1, 4):
+                continue
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append((path.stem.removeprefix("run-"),
+                             {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                              for item in record.history.item}))
+    return rows

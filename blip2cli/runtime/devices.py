@@ -83,3 +83,17 @@ def rank_device(requested: str | torch.device | None) -> torch.device:
         if ranked.type == "cuda":
             return ranked
     return resolve_device(requested)
+
+
+def memory_record(device: torch.device) -> dict[str, float]:
+    """The memory figure of a training step: on CUDA the peak allocated since the last call (``cuda_memory_gb``,
+    the counter is then reset), elsewhere the process's peak resident set so far (``rss_gb``)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"cuda_memory_gb": peak / 1e9}
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"rss_gb": peak * (1 if sys.platform == "darwin" else 1024) / 1e9}  # bytes on macOS, KiB on Linux

@@ -31,9 +31,16 @@ def _bar(*columns, transient: bool = False):
     return Progress(*columns, console=Console(stderr=True), transient=transient)
 
 
+# the figures of a training record shown after the losses, each with its own format
+_APART = {"step": None, "lr": None, "grad_norm": None, "samples_per_s": "{:.1f} samples/s",
+          "tokens_per_s": "{:.0f} tokens/s", "cuda_memory_gb": "{:.1f} GB", "rss_gb": "{:.1f} GB RSS"}
+
+
 def _format(record: dict[str, Any]) -> str:
-    losses = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "lr", "samples_per_s"))
-    return f"step {record['step']} | {losses} | lr {record['lr']:.2e} | {record['samples_per_s']:.1f} samples/s"
+    losses = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in _APART)
+    figures = [form.format(record[k]) for k, form in _APART.items() if form and k in record]
+    norm = f" | grad norm {record['grad_norm']:.3g}" if "grad_norm" in record else ""
+    return f"step {record['step']} | {losses}{norm} | lr {record['lr']:.2e} | {' | '.join(figures)}"
 
 
 class TrainProgress:

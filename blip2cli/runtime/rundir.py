@@ -142,9 +142,11 @@ def has_checkpoints(run: Path) -> bool:
 
 
 def clear_run(run: Path) -> list[str]:
-    """Delete a run's checkpoints, ``latest``, metrics and command history (``--overwrite``): each is first
-    renamed to ``.removed-*`` (one atomic step each), then deleted. Returns the names removed."""
-    names = [p.name for p in [run / "latest", run / "metrics.jsonl", run / "command.txt", *step_dirs(run)]
+    """Delete a run's checkpoints, ``latest``, metrics (with the TensorBoard events and the W&B run, whose next
+    start is a new one) and command history (``--overwrite``): each is first renamed to ``.removed-*`` (one atomic
+    step each), then deleted. Returns the names removed."""
+    logs = [run / "metrics.jsonl", run / "tensorboard", run / "wandb", run / "wandb.json"]  # see train/loggers.py
+    names = [p.name for p in [run / "latest", *logs, run / "command.txt", *step_dirs(run)]
              if p.is_symlink() or p.exists()]
     for i, name in enumerate(names):
         os.replace(run / name, run / f".removed-{i}-{name}")

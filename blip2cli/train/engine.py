@@ -26,6 +26,7 @@ class Task(Protocol):
     net: nn.Module
 
     def __call__(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]: ...
+    # and, beside the losses, ``tokens``: the text tokens the batch fed the model (for tokens/s)
 
 
 class Engine(Protocol):
@@ -40,7 +41,8 @@ class Engine(Protocol):
 
     def train_batch(self, batches: list[dict[str, Any]], step: int, lr: float) -> dict[str, float]:
         """The micro-batches of one optimiser step (forward, backward, accumulation, clipping, update) at
-        learning rate ``lr``; the mean of each loss."""
+        learning rate ``lr``; the mean of each loss, the gradients' norm before clipping (``grad_norm``) and the
+        text tokens of this rank's batches (``tokens``)."""
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The network's full weights for a model checkpoint (a collective under ZeRO-3: all ranks call it)."""
@@ -59,7 +61,8 @@ def _optimizer(task: nn.Module, recipe: PretrainRecipe) -> torch.optim.Optimizer
 
 
 def _mean(outs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    return {k: sum(float(o[k].detach()) for o in outs) / len(outs) for k in outs[0]}
+    """Each loss averaged over the micro-batches, their ``tokens`` summed."""
+    return {k: sum(float(o[k].detach()) for o in outs) / (1 if k == "tokens" else len(outs)) for k in outs[0]}
 
 
 class TorchEngine:
@@ -94,12 +97,14 @@ class TorchEngine:
                 out = self.task(batch, step)
             self.scaler.scale(out["loss"] / len(batches)).backward()
             outs.append(out)
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self._trainable() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
         if self.recipe.train.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self._trainable(), self.recipe.train.grad_clip)
+            torch.nn.utils.clip_grads_with_norm_(self._trainable(), self.recipe.train.grad_clip, norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return _mean(outs)
+        return {**_mean(outs), "grad_norm": float(norm)}
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for p in self.task.parameters() if p.requires_grad]
@@ -155,7 +160,8 @@ class DeepSpeedEngine:
             self.engine.backward(out["loss"])
             self.engine.step()
             outs.append(out)
-        return _mean(outs)
+        norm = self.engine.get_global_grad_norm()
+        return {**_mean(outs), **({"grad_norm": float(norm)} if norm is not None else {})}
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """Full weights, gathered from the ZeRO-3 partitions where needed (a collective: all ranks call it)."""

@@ -23,11 +23,11 @@ from ..data.transforms import train_transform
 from ..models.assemble import Checkpoint
 from ..models.formats.native import write_model
 from .. import integrity
-from ..runtime import dist, rundir
+from ..runtime import devices, dist, rundir
 from ..runtime.progress import TrainProgress
 from . import state
 from .engine import Engine, Task, make_engine
-from .metrics import MetricsLog
+from .loggers import RunLoggers
 from .recipe import PretrainRecipe
 from .schedule import lr_at
 
@@ -345,7 +345,7 @@ def _train(recipe: PretrainRecipe, task: Task, ckpt: Checkpoint, start: Start,
         step, rng = resume_from(engine, mixture, start.checkpoint)
         if rank == 0:
             print(f"resumed from {start.checkpoint} at step {step}", file=sys.stderr)
-    metrics = _open_metrics(run_dir, step, start.checkpoint) if rank == 0 else None
+    loggers = _open_loggers(run_dir, step, start.checkpoint, recipe) if rank == 0 else None
     consumed = mixture.position
     batches = _loader(mixture, recipe)  # (making the loader draws from the RNG: restore it afterwards)
     if rng is not None:
@@ -362,40 +362,48 @@ def _train(recipe: PretrainRecipe, task: Task, ckpt: Checkpoint, start: Start,
                 consumed += recipe.data.batch_size * t.grad_accum
                 losses = engine.train_batch(micro, step, lr)
                 step += 1
-                record = {"step": step, "lr": lr, **losses,
-                          "samples_per_s": per_step / (time.perf_counter() - started)}
-                error = _log(metrics, progress, record, log=step % t.log_every == 0 or step == t.steps)
+                tokens = losses.pop("tokens", None)
+                if tokens is not None and dist.is_distributed():
+                    tokens = float(dist.sum_all(torch.tensor([tokens]))[0])
+                seconds = time.perf_counter() - started
+                record = {"step": step, "lr": lr, **losses, "samples_per_s": per_step / seconds,
+                          **({"tokens_per_s": tokens / seconds} if tokens is not None else {}),
+                          **devices.memory_record(engine.device)}
+                error = _log(loggers, progress, record, log=step % t.log_every == 0 or step == t.steps)
                 stop, error = _agree(stopper.requested, error)
                 if error is not None:
                     raise Blip2Error(error if rank == 0 else "")
                 if step % t.save_every == 0 or step == t.steps or stop:
+                    if loggers is not None:
+                        loggers.flush()  # the steps a checkpoint covers are logged before it exists
                     last = save_checkpoint(engine, ckpt, run_dir, step, mixture, consumed, recipe, last)
                 if stop and step < t.steps:
                     raise Interrupted(f"stopped at step {step}: checkpoint {last}; rerun the same command to continue"
                                       if rank == 0 else "")
     finally:
-        if metrics is not None:
-            metrics.close()
+        if loggers is not None:
+            loggers.close()
     return last
 
 
-def _open_metrics(run_dir: Path, step: int, checkpoint: Path | None) -> MetricsLog:
-    """Rank 0, continuing from ``step``: set the run's later checkpoints aside, drop later metrics rows, log."""
+def _open_loggers(run_dir: Path, step: int, checkpoint: Path | None, recipe: PretrainRecipe) -> RunLoggers:
+    """Rank 0, continuing from ``step``: set the run's later checkpoints aside, drop later metrics rows, open the
+    recipe's loggers."""
     aside = rundir.set_aside_after(run_dir, step, checkpoint)
     if aside is not None:
         moved = ", ".join(sorted(p.name for p in aside.iterdir()))
         print(f"moved {moved} to {aside}: this run continues from step {step} (delete that folder when you no "
               "longer need it)", file=sys.stderr)
-    return MetricsLog(run_dir, through_step=step)
+    return RunLoggers(run_dir, step, recipe.train.loggers, asdict(recipe))
 
 
-def _log(metrics: MetricsLog | None, progress, record: dict[str, Any], log: bool) -> str | None:
-    """Append ``record`` (rank 0) and show it; returns the error of a failed append."""
-    if metrics is None:
+def _log(loggers: RunLoggers | None, progress, record: dict[str, Any], log: bool) -> str | None:
+    """Log ``record`` (rank 0) and show it; returns the error of a failed ``metrics.jsonl`` append."""
+    if loggers is None:
         return None
     progress.update(record, log=log)
     try:
-        metrics.append(record)
+        loggers.log(record)
     except Blip2Error as e:
         return str(e)
     return None

@@ -141,6 +141,8 @@ class TrainRecipe:
     zero_stage: int = checked(2, choices=(0, 1, 2, 3))
     deepspeed_preset: str = ""  # a file of recipes/deepspeed/ (zero2, zero3), merged into the generated config
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config, merged last
+    # where each step's record goes (rank 0): metrics.jsonl always; tensorboard and wandb add theirs
+    loggers: list[str] = checked(default_factory=lambda: ["jsonl"], choices=("jsonl", "tensorboard", "wandb"))
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):

@@ -113,7 +113,8 @@ class Stage1Task(nn.Module):
         loss_itg = losses.token_loss(logits, targets, s.label_smoothing)
 
         total = loss_itc + loss_itm + loss_itg
-        return {"loss": total, "itc": loss_itc.detach(), "itm": loss_itm.detach(), "itg": loss_itg.detach()}
+        return {"loss": total, "itc": loss_itc.detach(), "itm": loss_itm.detach(), "itg": loss_itg.detach(),
+                "tokens": mask.sum()}
 
 
 class Stage2Task(nn.Module):
@@ -168,9 +169,11 @@ class Stage2Task(nn.Module):
         if lm.is_encoder_decoder:
             ids, mask, labels, dec_mask = self.prefix_lm_inputs(batch["text"], step, pixels.device)
             logits = lm(soft, ids, mask, labels=labels, decoder_attention_mask=dec_mask).logits
+            tokens = mask.sum() + dec_mask.sum()
         else:
             ids, mask, labels = self.decoder_only_inputs(batch["text"], pixels.device)
             logits = lm(soft, ids, mask).logits[:, soft.shape[1]:]
             logits, labels = losses.shift_for_next_token(logits, labels)
+            tokens = mask.sum()
         loss = losses.token_loss(logits, labels)
-        return {"loss": loss, "lm": loss.detach()}
+        return {"loss": loss, "lm": loss.detach(), "tokens": tokens}

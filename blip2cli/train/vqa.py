@@ -61,14 +61,16 @@ class VqaTask(Stage2Task):
             dec_ids, dec_mask = self._encode(answers, device)
             labels = dec_ids.masked_fill(dec_mask == 0, -100)
             logits = lm(soft, enc_ids, enc_mask, labels=labels, decoder_attention_mask=dec_mask).logits
+            tokens = enc_mask.sum() + dec_mask.sum()
         else:
             ids, mask, labels = self.prompt_then_answer(prompts, answers, device)
             logits = lm(soft, ids, mask).logits[:, soft.shape[1]:-1]
             labels = labels[:, 1:]
+            tokens = mask.sum()
         per_answer = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
                                      reduction="none").sum(dim=1)
         loss = (weights * per_answer).sum() / len(questions)
-        return {"loss": loss, "vqa": loss.detach()}
+        return {"loss": loss, "vqa": loss.detach(), "tokens": tokens}
 
     def prompt_then_answer(self, prompts: list[str], answers: list[str],
                            device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

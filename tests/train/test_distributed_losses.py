@@ -24,9 +24,10 @@ def _worker(rank: int, world: int, which: str, hf_dir: str, out_dir: str) -> Non
         dist.all_reduce(g)
         g /= world
     losses = {k: v.clone() for k, v in losses.items()}
-    for v in losses.values():
+    for k, v in losses.items():
         dist.all_reduce(v)
-        v /= world
+        if k != "tokens":  # the losses are means over the batch; the text tokens add up
+            v /= world
     if rank == 0:
         torch.save({"losses": losses, "grads": grads}, os.path.join(out_dir, "dist.pt"))
     dist.barrier()  # neither rank tears the group down while the other still talks to it

@@ -18,7 +18,8 @@ from blip2cli.runtime.errors import Blip2Error
 from blip2cli.train.recipe import PretrainRecipe, deepspeed_config
 from blip2cli.train.schedule import lr_at, param_groups
 
-from tests.helpers import BLIP2, blip2, cli_env, straight_and_killed_runs
+from tests.helpers import (BLIP2, blip2, cli_env, straight_and_killed_runs, tensorboard_scalars,
+                           wandb_offline_history)
 
 
 def test_every_pretrain_recipe_loads():
@@ -185,9 +186,13 @@ def _metrics(run: Path) -> dict[int, dict]:
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_a_straight_run(tmp_path):
     args = ["pretrain", "stage1", "--recipe", "tiny", "--out", "runs", "--set", "train.steps=40",
-            "--set", "train.save_every=20", "--set", "train.log_every=1000"]
+            "--set", "train.save_every=20", "--set", "train.log_every=1000", "--set", "train.loggers=[tensorboard]"]
     straight, run = straight_and_killed_runs(args, tmp_path, "step-000020")
     a, b = _metrics(straight), _metrics(run)
+    # TensorBoard shows each step once: what the killed start wrote after step 20 is purged
+    assert sorted(b) == list(range(1, 41))
+    assert tensorboard_scalars(run / "tensorboard")["train/loss"] == [(s, pytest.approx(b[s]["loss"], rel=1e-6))
+                                                                      for s in range(1, 41)]
     for step in range(21, 41):
         for key in ("loss", "itc", "itm", "itg", "lr"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-6), (step, key)
@@ -200,22 +205,45 @@ def test_resume_after_sigkill_equals_a_straight_run(tmp_path):
             torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0, msg=k)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_75_and_the_loggers_continue(tmp_path):
+    """SIGTERM: a checkpoint at the end of the step, exit 75; the rerun continues the run's TensorBoard and W&B
+    (offline) runs, which then hold each step of metrics.jsonl once, with its values."""
     args = ["pretrain", "stage1", "--recipe", "tiny", "--out", "runs", "--name", "term", "--set",
-            "train.steps=100000", "--set", "train.save_every=100000"]
-    proc = subprocess.Popen([BLIP2, *args], cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "runs" / "term" / "metrics.jsonl"
+            "train.steps=100000", "--set", "train.save_every=100000", "--set", "train.loggers=[tensorboard,wandb]"]
+    env = cli_env({"WANDB_MODE": "offline"})
+    proc = subprocess.Popen([BLIP2, *args], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "runs" / "term"
+    metrics = run / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-2000:]  # EX_TEMPFAIL: not done, so `stage1 && stage2` stops here
-    latest = (tmp_path / "runs" / "term" / "latest").resolve()
+    latest = (run / "latest").resolve()
     step = int(latest.name.split("-")[1])
     assert step >= 3
     assert err.rstrip().splitlines()[-1] == (f"error: stopped at step {step}: checkpoint runs/term/{latest.name}; "
                                              "rerun the same command to continue")
+
+    done = blip2(*args, "--set", f"train.steps={step + 3}", cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = _metrics(run)
+    assert sorted(rows) == list(range(1, step + 4))
+    keys = [k for k in rows[1] if k != "step"]
+    assert {"loss", "itc", "itm", "itg", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "rss_gb"} <= set(keys)
+    board = tensorboard_scalars(run / "tensorboard")
+    for key in keys:
+        assert [s for s, _ in board[f"train/{key}"]] == sorted(rows), key
+        assert [v for _, v in board[f"train/{key}"]] == pytest.approx([rows[s][key] for s in sorted(rows)],
+                                                                       rel=1e-6), key
+    history = wandb_offline_history(run)
+    run_id = json.loads((run / "wandb.json").read_text())["id"]
+    assert {rid for rid, _ in history} == {run_id}  # one W&B run, continued
+    assert len(list(run.glob("wandb/offline-run-*"))) == 2
+    assert [r["_step"] for _, r in history] == sorted(rows)  # each step once, in order
+    for _, r in history:
+        assert {k: r[f"train/{k}"] for k in keys} == pytest.approx({k: rows[r["_step"]][k] for k in keys}, rel=1e-12)
 
 
 def test_qformer_starts_from_bert(tmp_path):
