@@ -7,6 +7,8 @@ and a rerun made otherwise is refused (``--overwrite`` discards the old work). `
 what was not given from the benchmark's recipe: the paper's model for its table, the files ``blip2
 prepare`` writes, the image root.
 An unreadable image is named on stderr and skipped; the rest is scored and the exit status is 3.
+The scores are a table on stderr (stdout is for ``--json``), beside the paper's figures for the model evaluated
+(a registry model the paper reports; ``--paper`` names one for a local checkpoint or predictions).
 Parsing and rendering only: each command calls one function of ``blip2cli.eval.benchmark``.
 """
 
@@ -16,7 +18,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -64,6 +66,9 @@ NameOpt = name_option("<benchmark>-<model>, after what --model resolves to: a re
                       "<run>-step-NNNNNN for a training checkpoint; plus a short hash where another model's work "
                       "has that name")
 OverwriteOpt = overwrite_option("earlier predictions or scores (made by another model, recipe or inputs)")
+PaperOpt = Annotated[Optional[str], typer.Option(
+    "--paper", help="Show the paper's figures for this registry model beside the scores (default: the registry "
+                    "model evaluated, if the paper reports it; none for a local checkpoint or --predictions).")]
 ZeroShotOpt = Annotated[bool, typer.Option(
     "--zero-shot", help="The paper's protocol from the recipe, for what is not given: its model for this table, "
                         "the annotation files `blip2 prepare` writes (data/<dataset>/annotations/; used when no "
@@ -79,8 +84,8 @@ def show(report: Report | None, json_out: bool, render: Callable[[dict], None]) 
     """Show a benchmark's result (nothing on a helper rank); exit 3 if unreadable images were skipped."""
     if report is None:
         return
-    if report.metrics is not None:
-        print(f"predictions and metrics: {report.metrics.parent}", file=sys.stderr)
+    if report.results is not None:
+        print(f"predictions and results: {report.results.parent}", file=sys.stderr)
     emit(report.result, json_out, render_predictions if report.predictions_only else render)
     if report.skipped:
         raise PartialFailure("")
@@ -90,42 +95,65 @@ def render_predictions(result: dict) -> None:
     print(result["predictions"])
 
 
-def render_accuracy(result: dict) -> None:
+# a table row: its label, (metric key for the paper's figure or None, our value or text) per column, its style
+Row = tuple[str, list[tuple[Optional[str], Any]], Optional[str]]
+
+
+def print_table(corner: str, columns: list[str], rows: list[Row], paper: dict | None, scale: float, digits: int,
+                title: str | None = None) -> None:
+    """A result's table on stderr, values times ``scale`` with ``digits`` decimals. With the result's ``paper``,
+    each column for which the paper has a figure is followed by ``paper`` and ``Δ`` (ours - paper), and a caption
+    line names the paper's table, model and split."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("", "accuracy (%)", box=None, title=f"{result['num_questions']} questions", title_justify="left")
-    table.add_row("overall", f"{result['accuracy']:.2f}", style="bold")
-    for name, value in result.get("per_answer_type", {}).items():
-        table.add_row(name, f"{value:.2f}")
-    for name, value in sorted(result.get("per_question_type", {}).items()):
-        table.add_row(f"[dim]{name}[/dim]", f"[dim]{value:.2f}[/dim]")
-    Console().print(table)
+    figures, difference = (paper["figures"], paper["difference"]) if paper else ({}, {})
+    compared = [any(cells[i][0] in figures for _, cells, _ in rows) for i in range(len(columns))]
+    header = [part for name, c in zip(columns, compared) for part in ([name, "paper", "Δ"] if c else [name])]
+    table = Table(corner, *header, box=None, title=title, title_justify="left")
+
+    def number(value: float | None, sign: str = "") -> str:
+        return "" if value is None else f"{scale * value:{sign}.{digits}f}"
+
+    for label, cells, style in rows:
+        shown = [label]
+        for (key, value), c in zip(cells, compared):
+            shown.append(value if isinstance(value, str) else "-" if value is None else number(value))
+            shown += [number(figures.get(key)), number(difference.get(key), "+")] if c else []
+        table.add_row(*shown, style=style)
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a pipe or a log: whole rows, not rich's 80 columns
+        console = Console(stderr=True, width=max(console.width, 160))
+    console.print(table)
+    if paper:
+        note = f" ({paper['note']})" if paper.get("note") else ""
+        console.print(f"paper: {paper['table']}, {paper['row']}, {paper['split']}{note}", markup=False,
+                      highlight=False)
+
+
+def render_accuracy(result: dict) -> None:
+    rows: list[Row] = [("overall", [("accuracy", result["accuracy"])], "bold")]
+    rows += [(name, [(None, value)], None) for name, value in result.get("per_answer_type", {}).items()]
+    rows += [(name, [(None, value)], "dim") for name, value in sorted(result.get("per_question_type", {}).items())]
+    print_table("", ["accuracy (%)"], rows, result.get("paper"), 1, 2, f"{result['num_questions']} questions")
 
 
 def render_captions(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     from ..eval.caption_scoring import METRICS
 
     columns = {"overall": result, **result.get("subsets", {})}
-    table = Table("x 100", *columns, box=None)
-    for metric in (m for m in METRICS if m in result):
-        table.add_row(metric, *(f"{100 * s[metric]:.1f}" if metric in s else "-" for s in columns.values()))
-    table.add_row("images", *(str(s["num_images"]) for s in columns.values()), style="dim")
-    Console().print(table)
+    keys = {name: "" if name == "overall" else f"{name}/" for name in columns}
+    rows: list[Row] = [(metric, [(keys[name] + metric, s.get(metric)) for name, s in columns.items()], None)
+                       for metric in METRICS if metric in result]
+    rows.append(("images", [(None, str(s["num_images"])) for s in columns.values()], "dim"))
+    print_table("x 100", list(columns), rows, result.get("paper"), 100, 1)
 
 
 def render_recall(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("", "R@1", "R@5", "R@10", box=None, title=f"{result['num_images']} images, {result['num_texts']} texts, "
-                  f"k={result['k']}", title_justify="left")
-    table.add_row("text retrieval (TR)", *(f"{result[f'txt_r{n}']:.1f}" for n in (1, 5, 10)))
-    table.add_row("image retrieval (IR)", *(f"{result[f'img_r{n}']:.1f}" for n in (1, 5, 10)))
-    Console().print(table)
+    rows: list[Row] = [(label, [(f"{side}_r{n}", result[f"{side}_r{n}"]) for n in (1, 5, 10)], None)
+                       for label, side in (("text retrieval (TR)", "txt"), ("image retrieval (IR)", "img"))]
+    print_table("", ["R@1", "R@5", "R@10"], rows, result.get("paper"), 1, 1,
+                f"{result['num_images']} images, {result['num_texts']} texts, k={result['k']}")
 
 
 def run_options(params: dict) -> RunOptions:
@@ -149,7 +177,7 @@ def vqav2(
     model: ModelOpt = None, llm: LavisLlmOpt = None, images: ImagesOpt = None, recipe: RecipeOpt = None,
     set_: SetOpt = None, out: RunsOpt = Path("runs"), name: NameOpt = None, device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto", zero_shot: ZeroShotOpt = False, overwrite: OverwriteOpt = False,
-    beam_scoring: BeamScoringOpt = None,
+    beam_scoring: BeamScoringOpt = None, paper: PaperOpt = None,
 ) -> None:
     """VQAv2 accuracy with the official VQA evaluation algorithm (overall, per answer and question type).
 
@@ -157,6 +185,7 @@ def vqav2(
     blip2 eval vqav2 --zero-shot
     blip2 eval vqav2 --model blip2-opt-2.7b --images coco/ --questions Q.json --annotations A.json
     blip2 eval vqav2 --predictions preds.json --questions Q.json --annotations A.json --json
+    blip2 eval vqav2 --predictions preds.json --questions Q.json --annotations A.json --paper blip2-flan-t5-xl
     """
     options = run_options(locals())
     show(run_vqa("vqav2", options, predictions, questions, annotations, allow_missing, legacy_lavis,
@@ -175,7 +204,7 @@ def okvqa(
     model: ModelOpt = None, llm: LavisLlmOpt = None, images: ImagesOpt = None, recipe: RecipeOpt = None,
     set_: SetOpt = None, out: RunsOpt = Path("runs"), name: NameOpt = None, device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto", zero_shot: ZeroShotOpt = False, overwrite: OverwriteOpt = False,
-    beam_scoring: BeamScoringOpt = None,
+    beam_scoring: BeamScoringOpt = None, paper: PaperOpt = None,
 ) -> None:
     """OK-VQA accuracy: the VQA scorer on the OK-VQA question and annotation files."""
     options = run_options(locals())
@@ -192,7 +221,7 @@ def gqa(
     model: ModelOpt = None, llm: LavisLlmOpt = None, images: ImagesOpt = None, recipe: RecipeOpt = None,
     set_: SetOpt = None, out: RunsOpt = Path("runs"), name: NameOpt = None, device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto", zero_shot: ZeroShotOpt = False, overwrite: OverwriteOpt = False,
-    beam_scoring: BeamScoringOpt = None,
+    beam_scoring: BeamScoringOpt = None, paper: PaperOpt = None,
 ) -> None:
     """GQA accuracy: exact match after the VQA answer normalisation of both sides."""
     options = run_options(locals())
@@ -209,7 +238,7 @@ def coco(
     model: ModelOpt = None, llm: LavisLlmOpt = None, images: ImagesOpt = None, items: ItemsOpt = None,
     recipe: RecipeOpt = None, set_: SetOpt = None, out: RunsOpt = Path("runs"), name: NameOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", zero_shot: ZeroShotOpt = False,
-    overwrite: OverwriteOpt = False, beam_scoring: BeamScoringOpt = None,
+    overwrite: OverwriteOpt = False, beam_scoring: BeamScoringOpt = None, paper: PaperOpt = None,
 ) -> None:
     """COCO captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr and SPICE as COCOEvalCap computes them.
 
@@ -233,7 +262,7 @@ def nocaps(
     model: ModelOpt = None, llm: LavisLlmOpt = None, images: ImagesOpt = None, items: ItemsOpt = None,
     recipe: RecipeOpt = None, set_: SetOpt = None, out: RunsOpt = Path("runs"), name: NameOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", zero_shot: ZeroShotOpt = False,
-    overwrite: OverwriteOpt = False, beam_scoring: BeamScoringOpt = None,
+    overwrite: OverwriteOpt = False, beam_scoring: BeamScoringOpt = None, paper: PaperOpt = None,
 ) -> None:
     """NoCaps captioning: the COCO metrics overall and per subset (in-, near-, out-domain)."""
     options = run_options(locals())
@@ -245,7 +274,7 @@ def show_retrieval(report: Report | None, json_out: bool) -> None:
     """Show retrieval recall (nothing on a helper rank)."""
     if report is None:
         return
-    print(f"metrics: {report.metrics}", file=sys.stderr)
+    print(f"results: {report.results}", file=sys.stderr)
     emit(report.result, json_out, render_recall)
 
 
@@ -254,7 +283,7 @@ def flickr30k(
     annotations: RetrievalAnnOpt = None, model: ModelOpt = None, images: ImagesOpt = None, k: KOpt = None,
     batch_size: RetrievalBatchOpt = None, json_out: JsonOpt = False, out: RunsOpt = Path("runs"),
     name: NameOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", zero_shot: ZeroShotOpt = False,
-    overwrite: OverwriteOpt = False,
+    overwrite: OverwriteOpt = False, paper: PaperOpt = None,
 ) -> None:
     """Flickr30K 1K-test retrieval: ITC for all pairs, top k re-ranked by ITM; TR@1/5/10 and IR@1/5/10.
 
@@ -271,6 +300,7 @@ def coco_retrieval(
     annotations: RetrievalAnnOpt = None, model: ModelOpt = None, images: ImagesOpt = None, k: KOpt = None,
     batch_size: RetrievalBatchOpt = None, json_out: JsonOpt = False, out: RunsOpt = Path("runs"),
     name: NameOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", overwrite: OverwriteOpt = False,
+    paper: PaperOpt = None,
 ) -> None:
     """COCO 5K-test retrieval (Karpathy split): as flickr30k."""
     options = run_options(locals())

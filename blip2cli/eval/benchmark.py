@@ -4,9 +4,10 @@
 Each scores a predictions file, or first runs a model over the benchmark (sharded over ranks under a
 launcher, resumable) into ``<out>/<name>/predictions.json``, recorded in ``provenance.json``; with
 ``zero_shot``, the benchmark's recipe fills in what was not given. It returns the result on rank 0 (None on
-the other ranks, which only help to predict) and keeps a model's scores in ``metrics.json`` beside its
-predictions. An item whose image cannot be read gets no prediction: the image is passed to ``on_skip``, the
-rest is scored, and the result counts it in ``skipped``.
+the other ranks, which only help to predict), with the paper's figures for the model (``paper``, see
+``blip2cli.eval.paper``), and keeps a model's result in ``results.json`` beside its predictions. An item
+whose image cannot be read gets no prediction: the image is passed to ``on_skip``, the rest is scored, and the
+result counts it in ``skipped``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from ..runtime.errors import Blip2Error
 from ..runtime.io import atomic_write_text, read_json
+from .paper import PaperRow, choose
 from .session import ModelRun, RunOptions
 
 OnSkip = Callable[[str], None]  # told "PATH: reason" for each unreadable image (None: it is an error)
@@ -28,10 +30,10 @@ OnSkip = Callable[[str], None]  # told "PATH: reason" for each unreadable image 
 class Report:
     """A benchmark's outcome on rank 0: ``result`` (the scores; or, with no references to score against, the
     ``predictions`` file for the evaluation server), whose ``notes`` are for people and whose ``skipped``
-    counts the items left without a prediction; and the ``metrics.json`` written beside a model's work."""
+    counts the items left without a prediction; and the ``results.json`` written beside a model's work."""
 
     result: dict[str, Any]
-    metrics: Path | None = None
+    results: Path | None = None
 
     @property
     def skipped(self) -> int:
@@ -52,6 +54,7 @@ def run_vqa(benchmark: str, options: RunOptions, predictions: Path | None = None
 
     run = ModelRun(options)
     given = _zero_shot(benchmark, run, predictions, questions=questions, annotations=annotations)
+    paper = _paper(benchmark, run)
     questions = _required(benchmark, "--questions", given["questions"])
     annotations = given["annotations"]
     if not (annotations is None and run.runs_model):  # test-dev: predictions for the server only
@@ -74,7 +77,7 @@ def run_vqa(benchmark: str, options: RunOptions, predictions: Path | None = None
                                                          legacy_lavis=legacy_lavis), files)
     if lemmatize:
         result["notes"].append("predictions lemmatised first (spaCy en_core_web_sm nouns and verbs)")
-    return _finish(result, run, benchmark)
+    return _finish(result, run, benchmark, paper)
 
 
 def lemmatized(predictions: Any) -> Any:
@@ -97,6 +100,7 @@ def run_gqa(options: RunOptions, predictions: Path | None = None, questions: Pat
 
     run = ModelRun(options)
     questions = _required("gqa", "--questions", _zero_shot("gqa", run, predictions, questions=questions)["questions"])
+    paper = _paper("gqa", run)
     predictions = _predictions("gqa", predictions, run, lambda: gqa_items(questions, run.images), "question_id",
                                "answer", on_skip, inputs={"questions": questions})
     if predictions is None:
@@ -105,7 +109,7 @@ def run_gqa(options: RunOptions, predictions: Path | None = None, questions: Pat
     preds, qs = read_json(files["predictions"], lines_ok=True), read_json(files["questions"])
     allow = allow_missing or run.skipped > 0
     result = _naming_files(lambda: vqa_scoring.score_gqa(preds, qs, allow_missing=allow), files)
-    return _finish(result, run, "gqa")
+    return _finish(result, run, "gqa", paper)
 
 
 def run_captions(benchmark: str, options: RunOptions, predictions: Path | None = None,
@@ -120,6 +124,7 @@ def run_captions(benchmark: str, options: RunOptions, predictions: Path | None =
     run = ModelRun(options)
     given = _zero_shot(benchmark, run, predictions, annotations=annotations, items=run.items)
     annotations, run.items = given["annotations"], given["items"]
+    paper = _paper(benchmark, run, printed_per_unit=100)  # the paper prints the metrics x 100
     if not (annotations is None and run.runs_model and run.items is not None):  # a test split: no references
         annotations = _required(benchmark, "--annotations", annotations)
     predictions = _predictions(benchmark, predictions, run,
@@ -137,7 +142,7 @@ def run_captions(benchmark: str, options: RunOptions, predictions: Path | None =
         groups = read_subsets(subsets)
     result = _naming_files(lambda: caption_scoring.score_captions(preds, anns, spice, subsets=groups,
                                                                   allow_missing=allow_missing), files)
-    return _finish(result, run, benchmark)
+    return _finish(result, run, benchmark, paper)
 
 
 def read_subsets(path: Path) -> dict[str, set]:
@@ -161,6 +166,7 @@ def run_retrieval(benchmark: str, options: RunOptions, annotations: Path | None 
     run = ModelRun(options)
     spec = run.settings(benchmark, RetrievalEval)
     annotations = run.apply_zero_shot(benchmark, spec.zero_shot, True, {"annotations": annotations})["annotations"]
+    paper = choose(spec.paper, run.paper, run.model, benchmark)
     annotations = _required(benchmark, "--annotations", annotations)
     if run.model is None or run.images is None:
         protocol = ", or --zero-shot" if spec.zero_shot.model else ""
@@ -180,8 +186,7 @@ def run_retrieval(benchmark: str, options: RunOptions, annotations: Path | None 
     if dist.rank() != 0:
         return None
     result = {**recall_metrics(scores, img2txt, txt2img), "k": k, "num_images": len(images), "num_texts": len(texts)}
-    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
-    return Report({**result, "notes": run.notes}, out / "metrics.json")
+    return _finish(result, run, benchmark, paper)
 
 
 # --------------------------------------------------------------------------- shared steps
@@ -191,6 +196,11 @@ def _zero_shot(command: str, run: ModelRun, predictions: Path | None, **files: P
     """``run.apply_zero_shot`` with the generation recipe's protocol (read only under ``--zero-shot``)."""
     protocol = run.settings(command).zero_shot if run.zero_shot else None
     return run.apply_zero_shot(command, protocol, predictions is None, files)
+
+
+def _paper(command: str, run: ModelRun, printed_per_unit: float = 1.0) -> PaperRow | None:
+    """The paper's row to compare with, from the generation recipe's figures (checked before any model runs)."""
+    return choose(run.settings(command).paper, run.paper, run.model, command, printed_per_unit)
 
 
 def _required(command: str, option: str, path: Path | None) -> Path:
@@ -256,15 +266,19 @@ def _predictions_only(path: Path) -> dict:
                                                 f"format for the evaluation server: {path}"]}
 
 
-def _finish(result: dict, run: ModelRun, command: str) -> Report:
-    """The result with the run's notes and skipped items; a model's scores are kept beside its predictions."""
+def _finish(result: dict, run: ModelRun, command: str, paper: PaperRow | None = None) -> Report:
+    """The result with the run's notes, skipped items and the ``paper`` row's figures; a model's result is kept
+    beside its predictions in ``results.json``, with the benchmark and the model (``ModelRun.model_summary``)."""
     result["notes"] = [*run.notes, *result.get("notes", [])]
     if run.skipped:
         result["skipped"] = run.skipped
         result["notes"].append(f"{run.skipped} item(s) have no prediction: their images could not be read (each "
                                "named above); the scores cover the rest, and a rerun predicts only those")
-    metrics = None
+    if paper is not None and "predictions" not in result:
+        result["paper"] = paper.compare(result)
+    results = None
     if "predictions" not in result and run.runs_model:
-        metrics = run.run_dir(command) / "metrics.json"
-        atomic_write_text(metrics, json.dumps(result, indent=2))
-    return Report(result, metrics)
+        results = run.run_dir(command) / "results.json"
+        atomic_write_text(results, json.dumps({**result, "benchmark": command, "model": run.model_summary()},
+                                               indent=2))
+    return Report(result, results)

@@ -12,6 +12,7 @@ from ..config import checked, load_recipe
 from ..models.decoding import Decoding, flat_key, holds_decoding
 from ..runtime.errors import Blip2Error
 from .data import ZeroShot
+from .paper import PaperFigures
 from .runner import Item, run_sharded
 
 # What of the decoding shapes a benchmark's predictions, as its provenance records it (the names and order of the
@@ -23,7 +24,7 @@ PROVENANCE = ("prompt", "num_beams", "max_new_tokens", "min_new_tokens", "length
 @holds_decoding
 @dataclass
 class GenerationEval:
-    """Prompt and decoding of a benchmark, and its zero-shot protocol (``recipes/eval/*.yaml``).
+    """Prompt and decoding of a benchmark, its zero-shot protocol and the paper's figures (``recipes/eval/*.yaml``).
 
     ``generation`` names the generation recipe (``recipes/generate/<name>.yaml``) whose decoding the benchmark
     uses, as the VQA benchmarks name ``vqa``; ``decoding`` holds settings of the benchmark's own, put over it. What
@@ -38,6 +39,7 @@ class GenerationEval:
     decoding: Decoding = field(default_factory=Decoding)
     lemmatize: bool = False  # OK-VQA: lemmatise answers before scoring (LAVIS, spaCy en_core_web_sm)
     zero_shot: ZeroShot = field(default_factory=ZeroShot)
+    paper: PaperFigures = field(default_factory=PaperFigures)  # the paper's figures, shown beside the scores
     # the flat keys of recipes written before ``decoding:`` (and ``--set num_beams=2``): fields of ``decoding``
     prompt: str | None = flat_key()
     num_beams: int | None = flat_key()

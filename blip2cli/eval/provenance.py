@@ -27,7 +27,8 @@ from ..runtime.io import atomic_write_text
 FILE = "provenance.json"
 FORMAT = "blip2-eval-provenance"
 SMALL_FILE = 64 << 20  # files up to 64 MiB are hashed; larger ones are known by size and mtime_ns
-WORK = ("predictions.rank*.jsonl", "predictions.json", "itc.pt", "itm.rank*.pt", "metrics.json")
+# a run's work (metrics.json: what earlier versions wrote in place of results.json, discarded with the rest)
+WORK = ("predictions.rank*.jsonl", "predictions.json", "itc.pt", "itm.rank*.pt", "results.json", "metrics.json")
 _LABEL = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -185,7 +186,7 @@ def read(directory: Path) -> tuple[dict[str, Any] | None, str]:
 
 
 def holds_work(directory: Path) -> list[Path]:
-    """The predictions, scores and metrics in a run directory."""
+    """The predictions, scores and results in a run directory."""
     return sorted(p for pattern in WORK for p in directory.glob(pattern) if p.is_file())
 
 
@@ -228,7 +229,7 @@ def claim(directory: Path, rec: dict[str, Any], overwrite: bool) -> None:
 
 
 def discard(directory: Path) -> None:
-    """Delete a run directory's predictions, scores, metrics and provenance, saying so on stderr."""
+    """Delete a run directory's predictions, scores, results and provenance, saying so on stderr."""
     files = holds_work(directory)
     for path in [*files, directory / FILE]:
         path.unlink(missing_ok=True)

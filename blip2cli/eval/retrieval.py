@@ -20,6 +20,7 @@ from ..models.qformer_text import qformer_text
 from ..runtime.io import atomic_path
 from ..runtime import dist
 from .data import ZeroShot
+from .paper import PaperFigures
 
 # The recipe whose numbers serve a caller that gives no settings: LAVIS's retrieval protocol, which every retrieval
 # recipe shares (the text length, the batches; k too in the paper's two benchmarks).
@@ -28,7 +29,8 @@ PROTOCOL = "eval/flickr30k"
 
 @dataclass
 class RetrievalEval:
-    """A retrieval benchmark's settings and zero-shot protocol (``recipes/eval/<benchmark>.yaml``)."""
+    """A retrieval benchmark's settings, zero-shot protocol and the paper's figures
+    (``recipes/eval/<benchmark>.yaml``)."""
 
     k: int = checked(ge=1)  # candidates re-ranked by ITM per image and per text
     batch_size: int = checked(ge=1)  # images per ViT pass
@@ -36,6 +38,7 @@ class RetrievalEval:
     itm_batch: int = checked(ge=1)  # image-text pairs per ITM pass
     max_txt_len: int = checked(ge=1)  # text tokens read, [CLS] and [SEP] included
     zero_shot: ZeroShot = field(default_factory=ZeroShot)
+    paper: PaperFigures = field(default_factory=PaperFigures)  # the paper's figures, shown beside the recalls
 
 
 @dataclass

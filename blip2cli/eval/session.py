@@ -28,6 +28,7 @@ class RunOptions:
     dtype: str = "auto"
     zero_shot: bool = False  # the paper's protocol from the recipe, for what is not given
     overwrite: bool = False  # discard the run directory's work made otherwise
+    paper: str | None = None  # the registry model whose paper figures to compare with (default: the one run)
 
 
 class ModelRun:
@@ -38,9 +39,10 @@ class ModelRun:
         self.model, self.llm, self.images, self.items = options.model, options.llm, options.images, options.items
         self.recipe, self.overrides = options.recipe, list(options.overrides or [])
         self.out, self.name, self.device, self.dtype = options.out, options.name, options.device, options.dtype
-        self.zero_shot, self.overwrite = options.zero_shot, options.overwrite
+        self.zero_shot, self.overwrite, self.paper = options.zero_shot, options.overwrite, options.paper
         self.images_hint, self.notes, self.skipped = "check --images", [], 0
         self.directory: Path | None = None
+        self.label = ""  # the model's name in run names, once ``prepare`` identified it
         self.provenance: dict[str, Any] | None = None
         self.lock = None
 
@@ -65,8 +67,13 @@ class ModelRun:
         directory = self.out / self.name if self.name else provenance.default_dir(self.out, command, label, record)
         self.lock_directory(directory)
         provenance.check(directory, record, work, self.overwrite)
-        self.directory, self.provenance = directory, record
+        self.directory, self.provenance, self.label = directory, record, label
         return directory
+
+    def model_summary(self) -> dict[str, str]:
+        """The model ``prepare`` identified, as ``results.json`` names it: its label and its source (the real path
+        of a local checkpoint or LAVIS file, or the hub id), as ``provenance.json`` records it."""
+        return {"label": self.label, "source": self.provenance["made_by"]["model"]["source"]}
 
     def lock_directory(self, directory: Path) -> None:
         """One run per directory: rank 0 holds its lock until the process ends (a second run stops at once,

@@ -147,7 +147,8 @@ def test_cli_table_lists_overall_and_subsets(shared_meteor, monkeypatch, tmp_pat
     (tmp_path / "preds.json").write_text(json.dumps(PREDICTIONS))
     run = invoke("eval", "nocaps", "--predictions", tmp_path / "preds.json", "--annotations", tmp_path / "gt.json")
     assert run.exit_code == 0, run.output
-    rows = {line.split()[0]: line.split()[1:] for line in run.stdout.splitlines() if line.strip()}
+    assert run.stdout == ""  # the table is on stderr: stdout is for --json
+    rows = {line.split()[0]: line.split()[1:] for line in run.stderr.splitlines() if line.strip()}
     assert rows["x"] == ["100", "overall", "in-domain", "out-domain"]
     assert rows["SPICE"] == ["30.0", "15.0", "60.0"] and rows["images"] == ["3", "2", "1"]
     assert set(METRICS) < set(rows)

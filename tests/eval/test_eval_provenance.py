@@ -129,7 +129,7 @@ def test_a_rerun_with_another_model_refuses_and_overwrite_predicts_again(bench, 
     assert score == expected_accuracy(bench, run_dir) < 100.0
     assert json.loads((run_dir / "provenance.json").read_text())["made_by"]["model"]["source"] == \
         str(runs["y"].resolve())
-    assert json.loads((run_dir / "metrics.json").read_text())["accuracy"] == score
+    assert json.loads((run_dir / "results.json").read_text())["accuracy"] == score
 
 
 def test_other_decoding_or_inputs_refuse_with_what_differs(bench, hf_opt):
@@ -157,7 +157,7 @@ def test_default_run_names_never_mix_two_models(bench, runs):
 
     x_run = eval_vqa(bench, x_latest)
     assert x_run.returncode == 0, x_run.stderr[-3000:]
-    assert "predictions and metrics: runs/vqav2-stage2-step-000400\n" in x_run.stderr
+    assert "predictions and results: runs/vqav2-stage2-step-000400\n" in x_run.stderr
     y_run = eval_vqa(bench, y_latest)  # same run name, same step, another model: never x's directory
     assert y_run.returncode == 0, y_run.stderr[-3000:]
     y_dirs = [p for p in (bench / "runs").iterdir() if p.name.startswith("vqav2-stage2-step-000400-")]
@@ -167,7 +167,7 @@ def test_default_run_names_never_mix_two_models(bench, runs):
 
     for model, where in ((x_latest, "vqav2-stage2-step-000400"), (y_latest, y_dirs[0].name)):
         rerun = eval_vqa(bench, model)  # each model finds its own directory again
-        assert rerun.returncode == 0 and f"predictions and metrics: runs/{where}\n" in rerun.stderr
+        assert rerun.returncode == 0 and f"predictions and results: runs/{where}\n" in rerun.stderr
     copy_run = eval_vqa(bench, y_text / "latest")  # the text form resolves; another path: another run
     assert copy_run.returncode == 0, copy_run.stderr[-3000:]
     made_by = json.loads(next((bench / "runs").glob("vqav2-stage2-step-000400-*/provenance.json")).read_text())

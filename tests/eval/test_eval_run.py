@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import blip2cli
+from blip2cli.config import load_recipe
 from blip2cli.eval.data import vqa_items
 from blip2cli.eval.generation import GenerationEval, predict
 
@@ -44,9 +45,12 @@ def vqa(tmp_path, hf_opt):
 
 
 def test_vqa_run_writes_official_results_and_scores_them(vqa, hf_opt):
+    """The scores on stdout (--json), beside the paper's figure of the model --paper names, and in results.json
+    with the benchmark and the model: a local checkpoint by its real path."""
     tmp, root, said = vqa
     proc = blip2("eval", "vqav2", "--model", str(hf_opt), "--images", str(root), "--questions", "q.json",
-                 "--annotations", "a.json", "--name", "v", "--json", "--device", "cpu", *SMALL, cwd=tmp)
+                 "--annotations", "a.json", "--name", "v", "--json", "--device", "cpu", *SMALL,
+                 "--paper", "blip2-opt-2.7b", cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     preds = json.loads((tmp / "runs" / "v" / "predictions.json").read_text())
@@ -55,7 +59,13 @@ def test_vqa_run_writes_official_results_and_scores_them(vqa, hf_opt):
     # two questions answered as all ten annotators did, three never: 2/5 of the questions right
     expected = 40.0 if said[2:].count("zebra") == 0 else None
     assert result["accuracy"] == expected
-    assert json.loads((tmp / "runs" / "v" / "metrics.json").read_text())["accuracy"] == expected
+    figure = load_recipe(GenerationEval, "eval/vqav2").paper.models["blip2-opt-2.7b"].figures["accuracy"]
+    assert result["paper"]["figures"] == {"accuracy": figure}
+    assert result["paper"]["difference"] == {"accuracy": pytest.approx(expected - figure, abs=1e-6)}
+    saved = json.loads((tmp / "runs" / "v" / "results.json").read_text())
+    assert saved == {**result, "benchmark": "vqav2", "model": {"label": hf_opt.name,
+                                                               "source": str(Path(hf_opt).resolve())}}
+    assert "predictions and results: runs/v\n" in proc.stderr
 
 
 def test_a_stopped_run_resumes_without_recomputing(vqa, hf_opt):
@@ -109,6 +119,7 @@ def test_captioning_run(tmp_path, hf_t5):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(result) and result["num_images"] == 3
+    assert "paper" not in result  # a local checkpoint: no paper row without --paper
     preds = json.loads((tmp_path / "runs" / "c" / "predictions.json").read_text())
     assert [p["image_id"] for p in preds] == [10, 11, 12] and all(isinstance(p["caption"], str) for p in preds)
 
@@ -180,7 +191,7 @@ def test_test_dev_without_annotations_writes_predictions_for_the_server(vqa, hf_
     out = json.loads(proc.stdout)
     preds = json.loads(Path(out["predictions"]).read_text())
     assert [p["answer"] for p in preds] == said and "predictions only" in proc.stderr
-    assert not (tmp / "runs" / "dev" / "metrics.json").exists()
+    assert not (tmp / "runs" / "dev" / "results.json").exists() and "paper" not in out
 
 
 def test_questions_of_one_image_share_its_image_pass(tmp_path, hf_opt):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import blip2cli
-from blip2cli.eval.retrieval import recall_metrics, retrieval_scores
+from blip2cli.config import load_recipe
+from blip2cli.eval.retrieval import RetrievalEval, recall_metrics, retrieval_scores
 
 from tests.helpers import blip2
 
@@ -80,11 +81,17 @@ def test_flickr30k_command(setup, hf_itm, tmp_path):
     split = [{"image": Path(images[i]).name, "caption": [TEXTS[t] for t in img2txt[i]]} for i in range(5)]
     (tmp_path / "test.json").write_text(json.dumps(split))
     proc = blip2("eval", "flickr30k", "--model", hf_itm, "--images", Path(images[0]).parent, "--annotations",
-                 "test.json", "--k", "4", "--json", "--device", "cpu", "--name", "f", cwd=tmp_path)
+                 "test.json", "--k", "4", "--json", "--device", "cpu", "--name", "f", "--paper", "blip2-itm-vit-g-coco",
+                 cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result["num_images"] == 5 and result["num_texts"] == 10 and result["k"] == 4
-    assert json.loads((tmp_path / "runs" / "f" / "metrics.json").read_text())["txt_r1"] == result["txt_r1"]
+    figures = load_recipe(RetrievalEval, "eval/flickr30k").paper.models["blip2-itm-vit-g-coco"].figures
+    assert result["paper"]["figures"] == figures and set(figures) == set(result["paper"]["difference"])
+    assert all(result["paper"]["difference"][m] == pytest.approx(result[m] - figures[m], abs=1e-6) for m in figures)
+    saved = json.loads((tmp_path / "runs" / "f" / "results.json").read_text())
+    assert saved == {**result, "benchmark": "flickr30k", "model": {"label": Path(hf_itm).name,
+                                                                   "source": str(Path(hf_itm).resolve())}}
 
 
 @pytest.mark.distributed

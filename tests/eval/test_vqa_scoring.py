@@ -10,7 +10,7 @@ from blip2cli.runtime.errors import Blip2Error
 from blip2cli.eval import vqa_scoring as vqa
 from blip2cli.eval.vqa_scoring import normalize_answer, process_punctuation, score_gqa, score_vqa
 
-from tests.helpers import invoke
+from tests.helpers import assert_one_line_error, blip2, invoke
 
 
 def gt(*groups: tuple[int, str]) -> list[dict]:
@@ -195,7 +195,44 @@ def test_cli_json_is_one_object(vqa_paths):
     assert json.loads(lines[0]) == score_vqa(*vqa_files())
     table = invoke("eval", "okvqa", "--predictions", str(vqa_paths["predictions"]), "--questions",
                    str(vqa_paths["questions"]), "--annotations", str(vqa_paths["annotations"]), "--legacy-lavis")
-    assert table.exit_code == 0 and "61.00" in table.stdout and "yes/no" in table.stdout
+    assert table.exit_code == 0 and "61.00" in table.stderr and "yes/no" in table.stderr
+    assert table.stdout == "" and "paper" not in table.stderr  # predictions: no paper row unless --paper
+
+
+def test_cli_shows_the_papers_figure_beside_the_score(vqa_paths):
+    """``--paper``: the recipe's figure for that model and ours minus it, in the table (stderr) and in --json."""
+    from blip2cli.config import load_recipe
+    from blip2cli.eval.generation import GenerationEval
+
+    figures = load_recipe(GenerationEval, "eval/vqav2").paper
+    paper = figures.models["blip2-flan-t5-xl"].figures["accuracy"]
+    ours = score_vqa(*vqa_files())["accuracy"]
+    args = ["eval", "vqav2", "--predictions", str(vqa_paths["predictions"]), "--questions",
+            str(vqa_paths["questions"]), "--annotations", str(vqa_paths["annotations"]), "--paper", "blip2-flan-t5-xl"]
+    table = invoke(*args)
+    assert table.exit_code == 0, table.output
+    assert table.stdout == ""
+    rows = [line.split() for line in table.stderr.splitlines()]
+    assert ["accuracy", "(%)", "paper", "Δ"] in rows
+    assert ["overall", f"{ours:.2f}", f"{paper:.2f}", f"{ours - paper:+.2f}"] in rows
+    caption = f"paper: {figures.table}, {figures.models['blip2-flan-t5-xl'].row}, {figures.split} ({figures.note})"
+    assert caption in table.stderr.splitlines()
+
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert shown.pop("paper") == {"table": figures.table, "split": figures.split, "model": "blip2-flan-t5-xl",
+                                  "row": figures.models["blip2-flan-t5-xl"].row, "note": figures.note,
+                                  "figures": {"accuracy": paper},
+                                  "difference": {"accuracy": pytest.approx(ours - paper, abs=1e-6)}}
+    assert shown == score_vqa(*vqa_files())  # every other key as without --paper
+
+
+def test_cli_unknown_paper_model_is_a_one_line_error(vqa_paths):
+    proc = blip2("eval", "gqa", "--predictions", vqa_paths["predictions"], "--questions", vqa_paths["questions"],
+                 "--paper", "blip2-opt-2.7b-coco")
+    assert_one_line_error(proc, "--paper blip2-opt-2.7b-coco: the paper has no gqa figures for it; choose ",
+                          "blip2-flan-t5-xl")
 
 
 def test_cli_gqa_and_json_lines(tmp_path):
