@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -42,25 +42,38 @@ def convert(
     out: Annotated[Path, typer.Option("--out", help="Output directory (replaced atomically).")],
     to: Annotated[str, typer.Option(help="hf: a transformers BLIP-2 directory; blip2: our own format.")] = "hf",
     llm: LavisLlmOpt = None,
+    push_to_hub: Annotated[Optional[str], typer.Option(
+        "--push-to-hub", metavar="REPO", help="Then upload the directory to this Hugging Face model repository "
+                                              "(created if missing).")] = None,
+    private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repository private."
+                                          )] = False,
 ) -> None:
-    """Convert a model to a transformers BLIP-2 directory or to blip2's own format.
+    """Convert a model to a transformers BLIP-2 directory or to blip2's own format, with a model card (README.md).
 
     \bExamples:
     blip2 convert blip2_pretrained_opt2.7b.pth --llm opt-2.7b --out exported/ --to hf
     blip2 convert runs/tiny-stage2/latest --out tiny-hf/
+    blip2 convert runs/caption-coco/latest --out coco-hf/ --push-to-hub me/blip2-coco --private
     """
     from ..runtime.progress import quiet_transformers
-    from ..models.formats.hf import export_hf
-    from ..models.formats.native import save
+    from ..models.formats import card
+    from ..models.hub import is_hub_id
     from ..models.resolve import load_checkpoint
+    from ..runtime import __version__
 
     if to not in ("hf", "blip2"):
         raise Blip2Error(f"--to {to!r}: expected hf or blip2")
+    if push_to_hub is not None and not is_hub_id(push_to_hub):
+        raise Blip2Error(f"--push-to-hub {push_to_hub!r}: expected a hub repository id, OWNER/NAME")
+    if private and push_to_hub is None:
+        raise Blip2Error("--private applies to the repository --push-to-hub creates: give --push-to-hub REPO")
     _check_out_apart(model, out)
     quiet_transformers()
     ckpt = load_checkpoint(model, llm=llm)
-    (export_hf if to == "hf" else save)(ckpt, out)
+    card.export(ckpt, out, to, card.model_card(ckpt, model, out, to, push_to_hub))
     print(f"wrote {out}", file=sys.stderr)
+    if push_to_hub is not None:
+        card.push(out, push_to_hub, private, f"Upload {model} converted by blip2 {__version__} (--to {to})")
 
 
 def _check_out_apart(model: str, out: Path) -> None:

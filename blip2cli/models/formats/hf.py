@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from ..assemble import Checkpoint, build, full_state, llm_padding_side
 from ..blip2 import Blip2Config
 from ..qformer import QFormerConfig
 from ..vision import CLIP_MEAN, CLIP_STD, VisionConfig
-from ..weights import WEIGHTS_FILE, few_keys, first_line, load_tokenizer, read_safetensors_dir, refuse_remote_code, untie_for_saving
+from ..weights import (WEIGHTS_FILE, few_keys, first_line, load_tokenizer, read_safetensors_dir, refuse_remote_code,
+                       untie_for_saving)
 
 
 # where InstructBlipProcessor looks for its second tokenizer
@@ -125,13 +127,14 @@ def _keys(cfg: Blip2Config) -> keymaps.KeyMap:
     return keymaps.INSTRUCTBLIP_KEYS if cfg.qformer_text_input else keymaps.HF_KEYS
 
 
-def export_hf(ckpt: Checkpoint, out: Path) -> Path:
+def export_hf(ckpt: Checkpoint, out: Path, extra: Callable[[Path], None] | None = None) -> Path:
     """Write a directory ``transformers`` loads as ``Blip2ForConditionalGeneration`` or ``Blip2ForImageTextRetrieval``,
     or, for a Q-Former that reads the question, as ``InstructBlipForConditionalGeneration`` with an
     ``InstructBlipProcessor`` (its Q-Former tokenizer in ``qformer_tokenizer/``).
 
     An image-to-text model without an ``<image>`` token gets one; when the LLM's vocabulary has no
-    free row for it, the exported embeddings (and LM head) grow by that one row.
+    free row for it, the exported embeddings (and LM head) grow by that one row. ``extra`` adds files (e.g. the
+    model card) to the directory before it takes its name: a failure there leaves ``out`` as it was.
     """
     from safetensors.torch import save_file
 
@@ -169,6 +172,8 @@ def export_hf(ckpt: Checkpoint, out: Path) -> Path:
             processor = {"processor_class": "InstructBlipProcessor", "num_query_tokens": cfg.qformer.num_query_tokens}
             (tmp / "processor_config.json").write_text(json.dumps(processor, indent=2))
         _write_preprocessor(tmp, cfg.vision.image_size)
+        if extra is not None:
+            extra(tmp)
     return out
 
 
