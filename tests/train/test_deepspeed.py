@@ -8,12 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import BLIP2, REPO, blip2, cli_env, free_port
+from tests.helpers import BLIP2, REPO, TORCHRUN, cli_env, free_port
 from tests.train.tiny_tasks import B, batch_for, forward_backward, task_for
 
 DEEPSPEED = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
@@ -57,15 +58,44 @@ def test_zero_two_ranks_equal_one_process(stage, zero, assets, tmp_path):
     proc = launch([str(WORKER), "--stage", stage, "--zero", str(zero), "--assets", str(assets), "--out",
                    str(tmp_path)], cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    got = torch.load(tmp_path / f"zero{zero}.pt")
+    assert_as_one_process(stage, torch.load(tmp_path / f"zero{zero}.pt"), assets)
+
+
+def assert_as_one_process(stage: str, got: dict, assets: Path) -> None:
+    """``got`` (what ``ds_worker.py`` saved from two ranks of batch B) equals one process with batch 2 x B."""
     task = task_for(stage, str(assets))
     losses, grads = forward_backward(task, batch_for(stage, 2 * B))
     for k in losses:
-        torch.testing.assert_close(got["losses"][k], losses[k], atol=1e-5, rtol=1e-5, msg=k)
+        torch.testing.assert_close(got["losses"][k], losses[k].float(), atol=1e-5, rtol=1e-5, msg=k)
     assert {f"net.{k}" if not k.startswith("net.") else k for k in got["grads"]} == set(grads)
     for name, g in grads.items():
         other = got["grads"][name]
         assert (other - g).norm() <= 1e-5 * g.norm() + 1e-7, name
+
+
+@pytest.mark.distributed
+def test_two_nodes_on_loopback_equal_one_process(assets, tmp_path):
+    """Two nodes as the README launches them: two ``torchrun --nnodes 2`` processes (one rank each, as on two
+    machines) meeting at a c10d rendezvous on 127.0.0.1, training under ZeRO-2."""
+    port = free_port()
+    command = [TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+               f"127.0.0.1:{port}", "--rdzv_id", "two-nodes", "--local_addr", "127.0.0.1", str(WORKER),
+               "--stage", "stage1", "--zero", "2", "--assets", str(assets), "--out", str(tmp_path)]
+    env = cli_env({"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
+                   "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}, threads=1)
+    nodes = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True) for _ in range(2)]
+    outputs = []
+    try:
+        for node in nodes:
+            outputs.append(node.communicate(timeout=900))
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    for node, (out, err) in zip(nodes, outputs):
+        assert node.returncode == 0, (out + err)[-4000:]
+    assert_as_one_process("stage1", torch.load(tmp_path / "zero2.pt"), assets)
 
 
 @pytest.mark.distributed
@@ -96,11 +126,62 @@ def _shape_image(tmp_path: Path) -> Path:
     return ShapesDataset("heldout", size=1).write_images(tmp_path / "img", 1)[0]
 
 
+FAKE_SLURM = {
+    # the job's tasks, two "nodes" of one task each, here on this machine; their PIDs go to ./tasks
+    "srun": """while [[ "$1" == -* ]]; do shift; done
+pids=()
+for i in 0 1; do
+    SLURM_PROCID=$i SLURM_LOCALID=0 SLURM_NTASKS=2 "$@" &
+    pids+=($!); echo $! >> tasks
+done
+status=0
+for p in "${pids[@]}"; do wait "$p"; s=$?; (( s > status )) && status=$s; done
+exit $status
+""",
+    "scontrol": """case "$1" in show) printf '127.0.0.1\\n127.0.0.1\\n';; requeue) echo "$2" >> requeued;; esac
+""",
+}
+
+
 @pytest.mark.distributed
-def test_pretrain_under_torchrun(tmp_path):
-    proc = blip2("pretrain", "stage1", "--recipe", "tiny", "--out", "runs", "--name", "tr", "--set", "train.steps=2",
-                 cwd=tmp_path, ranks=2, env={"DS_ACCELERATOR": "cpu"}, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    trainer = tmp_path / "runs" / "tr" / "latest" / "trainer"
+@pytest.mark.slow
+def test_the_slurm_example_requeues_at_the_time_limit_and_the_next_job_continues(tmp_path):
+    """``examples/slurm/blip2.sbatch`` as a two-node job, with ``srun`` and ``scontrol`` standing in for Slurm's:
+    SIGTERM to every task (Slurm's ``--signal``) saves a checkpoint, the job exits 75 and requeues itself, and
+    the requeued job continues the run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    env = cli_env({"PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+                   "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "4242", "MASTER_PORT": str(free_port()),
+                   "DS_ACCELERATOR": "cpu"}, threads=1)
+    job = ["bash", str(REPO / "examples" / "slurm" / "blip2.sbatch"), "pretrain", "stage1", "--recipe", "tiny",
+           "--out", "runs", "--name", "slurm", "--set", "train.save_every=100000"]
+    first = subprocess.Popen([*job, "--set", "train.steps=100000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = tmp_path / "runs" / "slurm" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 600
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
+            time.sleep(0.1)
+        for pid in (tmp_path / "tasks").read_text().split():
+            os.kill(int(pid), signal.SIGTERM)
+        out, err = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 75, (out + err)[-4000:]
+    assert (tmp_path / "requeued").read_text().split() == ["4242"]
+    trainer = tmp_path / "runs" / "slurm" / "latest" / "trainer"
     assert (trainer / "engine").is_dir()  # DeepSpeed's checkpoint: two ranks ran under ZeRO
     assert {p.name for p in trainer.glob("state-rank*")} == {"state-rank000.json", "state-rank001.json"}
+    step = int((tmp_path / "runs" / "slurm" / "latest").resolve().name.split("-")[1])
+
+    again = subprocess.run([*job, "--set", f"train.steps={step + 2}"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=900)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert f"resumed from runs/slurm/step-{step:06d} at step {step}" in again.stderr
+    assert (tmp_path / "runs" / "slurm" / "latest").resolve().name == f"step-{step + 2:06d}"
+    assert (tmp_path / "requeued").read_text().split() == ["4242"]  # finished: not requeued again
