@@ -56,6 +56,31 @@ def invoke(*args: str | Path):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def in_process(*args: str | Path, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """``blip2 ARGS`` through the console script's entry point (``blip2cli.cli.app.main``: its one-line errors and
+    exit codes) in this process, in ``cwd``, stdout and stderr captured: ``blip2`` without the seconds a new
+    interpreter spends importing torch and transformers, for tests whose subject is not the process itself."""
+    import contextlib
+    import io
+
+    from blip2cli.cli.app import main
+
+    out, err, argv, here = io.StringIO(), io.StringIO(), sys.argv, os.getcwd()
+    code: int | str | None = 0
+    try:
+        os.chdir(cwd or here)
+        sys.argv = ["blip2", *map(str, args)]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    code = code if isinstance(code, int) else 1 if code else 0
+    return subprocess.CompletedProcess(["blip2", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
     with socket.socket() as s:

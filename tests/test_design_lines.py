@@ -23,7 +23,7 @@ from blip2cli.eval.generation import GenerationEval
 from blip2cli.eval.retrieval import RetrievalEval
 
 from tests import tiny
-from tests.helpers import blip2
+from tests.helpers import blip2, in_process
 
 PRETRAINING_DIRS = ["data/laion115m-capfilt", "data/cc12m-capfilt", "data/cc3m-capfilt", "data/sbu-capfilt",
                     "data/coco/shards", "data/vg/shards"]
@@ -69,7 +69,7 @@ def write_shard(directory: Path) -> None:
                                   *(["stage2", "--llm", llm, "--init", "runs/stage1/latest"]
                                     for llm in ("opt-2.7b", "opt-6.7b", "flant5-xl", "flant5-xxl"))])
 def test_pretrain_line_without_data_names_it_and_the_prepare_commands(tmp_path, args):
-    message = one_error(blip2("pretrain", *args, cwd=tmp_path))
+    message = one_error(in_process("pretrain", *args, cwd=tmp_path))
     stage, name = args[0], args[2]
     assert message.startswith(f"error: recipe pretrain/{stage}_{name} reads data that is not here: ")
     for directory in PRETRAINING_DIRS:
@@ -95,26 +95,26 @@ def test_the_prepare_commands_named_make_the_directories_the_recipes_read():
 
 
 def test_unknown_tower_or_llm_lists_the_choices(tmp_path):
-    assert one_error(blip2("pretrain", "stage1", "--vit", "vit-h", cwd=tmp_path)) == \
+    assert one_error(in_process("pretrain", "stage1", "--vit", "vit-h", cwd=tmp_path)) == \
         "error: --vit 'vit-h': choose clip-l, eva-g (or --recipe FILE for another)"
-    assert one_error(blip2("pretrain", "stage2", "--llm", "llama-7b", cwd=tmp_path)) == \
+    assert one_error(in_process("pretrain", "stage2", "--llm", "llama-7b", cwd=tmp_path)) == \
         "error: --llm 'llama-7b': choose flant5-xl, flant5-xxl, opt-2.7b, opt-6.7b (or --recipe FILE for another)"
 
 
 def test_recipe_wins_and_must_agree_with_vit_or_llm(tmp_path):
-    message = one_error(blip2("pretrain", "stage1", "--vit", "clip-l", "--recipe", "pretrain/stage1_eva-g",
+    message = one_error(in_process("pretrain", "stage1", "--vit", "clip-l", "--recipe", "pretrain/stage1_eva-g",
                               cwd=tmp_path))
     assert "--vit clip-l disagrees with recipe pretrain/stage1_eva-g" in message and "model.vision eva-g" in message
-    message = one_error(blip2("pretrain", "stage2", "--llm", "flant5-xl", "--recipe", "tiny", cwd=tmp_path))
+    message = one_error(in_process("pretrain", "stage2", "--llm", "flant5-xl", "--recipe", "tiny", cwd=tmp_path))
     assert "--llm flant5-xl disagrees with recipe tiny/stage2" in message
-    agreeing = one_error(blip2("pretrain", "stage1", "--vit", "eva-g", "--recipe", "pretrain/stage1_eva-g",
+    agreeing = one_error(in_process("pretrain", "stage1", "--vit", "eva-g", "--recipe", "pretrain/stage1_eva-g",
                                cwd=tmp_path))
     assert agreeing.startswith("error: recipe pretrain/stage1_eva-g reads data that is not here")
 
 
 def test_each_stage_help_names_its_own_recipes(tmp_path):
-    one = blip2("pretrain", "stage1", "--help", cwd=tmp_path)
-    two = blip2("pretrain", "stage2", "--help", cwd=tmp_path)
+    one = in_process("pretrain", "stage1", "--help", cwd=tmp_path)
+    two = in_process("pretrain", "stage2", "--help", cwd=tmp_path)
     assert one.returncode == 0 and two.returncode == 0
     for name in ("pretrain/stage1_eva-g", "pretrain/stage1_clip-l", "tiny/stage1", "--vit"):
         assert name in one.stdout and name not in two.stdout
@@ -190,7 +190,7 @@ def test_zero_shot_models_are_the_papers():
 @pytest.mark.parametrize("benchmark", ["vqav2", "okvqa", "gqa", "coco", "nocaps", "flickr30k"])
 def test_zero_shot_without_data_names_the_file_and_the_prepare_command(tmp_path, benchmark):
     zero_shot = protocol(benchmark)
-    message = one_error(blip2("eval", benchmark, "--zero-shot", cwd=tmp_path))
+    message = one_error(in_process("eval", benchmark, "--zero-shot", cwd=tmp_path))
     first = next(iter(zero_shot.files.values()))
     assert message == f"error: {first}: not found; `{zero_shot.prepare}` gets it (or give " \
                       f"--{next(iter(zero_shot.files))} FILE)"
@@ -235,7 +235,7 @@ def said_by(model_dir: Path, images: list[Path]) -> list[str]:
 def test_vqav2_zero_shot_runs_and_scores_on_the_prepared_layout(tmp_path, hf_t5):
     said = said_by(hf_t5, vqa_images(tmp_path))
     vqa_files(tmp_path, [said[0], said[1], "zebra", "zebra", "zebra"])
-    proc = blip2("eval", "vqav2", "--zero-shot", "--model", str(hf_t5), "--device", "cpu", "--json", *SMALL,
+    proc = in_process("eval", "vqav2", "--zero-shot", "--model", str(hf_t5), "--device", "cpu", "--json", *SMALL,
                  cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
@@ -246,14 +246,14 @@ def test_vqav2_zero_shot_runs_and_scores_on_the_prepared_layout(tmp_path, hf_t5)
 
 
 def test_explicit_options_override_the_zero_shot_defaults(tmp_path):
-    message = one_error(blip2("eval", "vqav2", "--zero-shot", "--questions", "mine.json", "--annotations", "a.json",
-                              "--model", "m", cwd=tmp_path))
+    message = one_error(in_process("eval", "vqav2", "--zero-shot", "--questions", "mine.json", "--annotations",
+                                   "a.json", "--model", "m", cwd=tmp_path))
     assert message.startswith("error: questions file not found: mine.json")
     vqa_files(tmp_path, ["zebra"] * 5)
-    message = one_error(blip2("eval", "vqav2", "--zero-shot", cwd=tmp_path))
+    message = one_error(in_process("eval", "vqav2", "--zero-shot", cwd=tmp_path))
     assert message == ("error: data/coco/images: no such image directory; the COCO val2014 images: unpack "
                        "http://images.cocodataset.org/zips/val2014.zip into data/coco/images (or give --images DIR)")
-    message = one_error(blip2("eval", "vqav2", "--zero-shot", "--images", "elsewhere", cwd=tmp_path))
+    message = one_error(in_process("eval", "vqav2", "--zero-shot", "--images", "elsewhere", cwd=tmp_path))
     assert message == "error: elsewhere: no such image directory; check --images"
 
 
@@ -271,7 +271,7 @@ def test_generation_eval_skips_unreadable_images_scores_the_rest_and_exits_3(tmp
     vqa_files(tmp_path, ["zebra"] * 5)
     spoil(images)
     args = ["eval", "vqav2", "--zero-shot", "--model", str(hf_opt), "--device", "cpu", "--json", "--name", "v", *SMALL]
-    proc = blip2(*args, cwd=tmp_path)
+    proc = in_process(*args, cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("error: "))
@@ -286,7 +286,7 @@ def test_generation_eval_skips_unreadable_images_scores_the_rest_and_exits_3(tmp
 
     tiny.draw_image(2).save(images[1])  # mended: a rerun predicts the two that were skipped
     tiny.draw_image(4).save(images[3])
-    again = blip2(*args, cwd=tmp_path)
+    again = in_process(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["num_questions"] == 5
     assert [p["question_id"] for p in json.loads((tmp_path / "runs" / "v" / "predictions.json").read_text())] == \
@@ -310,7 +310,7 @@ def flickr_benchmark(root: Path) -> list[Path]:
 
 def test_flickr30k_zero_shot_runs_with_the_recipes_k(tmp_path, hf_itm):
     flickr_benchmark(tmp_path)
-    proc = blip2("eval", "flickr30k", "--zero-shot", "--model", str(hf_itm), "--device", "cpu", "--json",
+    proc = in_process("eval", "flickr30k", "--zero-shot", "--model", str(hf_itm), "--device", "cpu", "--json",
                  cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
@@ -321,7 +321,7 @@ def test_flickr30k_zero_shot_runs_with_the_recipes_k(tmp_path, hf_itm):
 def test_retrieval_refuses_upfront_naming_every_unreadable_image(tmp_path, hf_itm):
     paths = flickr_benchmark(tmp_path)
     spoil(paths)
-    message = one_error(blip2("eval", "flickr30k", "--zero-shot", "--model", str(hf_itm), "--device", "cpu",
+    message = one_error(in_process("eval", "flickr30k", "--zero-shot", "--model", str(hf_itm), "--device", "cpu",
                               cwd=tmp_path))
     assert message.startswith("error: 2 of 5 images cannot be read")
     assert f"{paths[1].relative_to(tmp_path)}: no such file" in message
@@ -342,7 +342,7 @@ def laion_metadata(directory: Path, rows: int) -> None:
 
 
 def test_prepare_laion_without_metadata_says_where_to_get_and_put_it(tmp_path):
-    message = one_error(blip2("prepare", "laion", "--subset", "115m", cwd=tmp_path))
+    message = one_error(in_process("prepare", "laion", "--subset", "115m", cwd=tmp_path))
     assert message.startswith("error: prepare laion: no parquet metadata in data/laion400m-meta/; put the 32 "
                               "parquet files of the LAION-400M metadata")
     assert "https://the-eye.eu/public/AI/cah/laion400m-met-release/laion400m-meta/" in message
@@ -352,7 +352,7 @@ def test_prepare_laion_without_metadata_says_where_to_get_and_put_it(tmp_path):
 
 def test_prepare_laion_reads_the_metadata_from_the_default_place(tmp_path):
     laion_metadata(tmp_path / "data" / "laion400m-meta", 10)
-    message = one_error(blip2("prepare", "laion", "--subset", "115m", cwd=tmp_path))
+    message = one_error(in_process("prepare", "laion", "--subset", "115m", cwd=tmp_path))
     assert message == "error: --subset 115000000: the input has only 10 rows"
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["laion400m-meta"]  # nothing half-made
     proc = blip2("prepare", "laion", "--subset", "3", "--processes", "1", "--threads", "2", "--set", "timeout=2",
@@ -364,7 +364,7 @@ def test_prepare_laion_reads_the_metadata_from_the_default_place(tmp_path):
 
 
 def test_failed_offline_prepare_leaves_no_directories(tmp_path):
-    message = one_error(blip2("prepare", "vqav2", cwd=tmp_path))
+    message = one_error(in_process("prepare", "vqav2", cwd=tmp_path))
     assert "cannot get vqa_train.json: offline" in message and "data/vqav2/annotations" in message
     assert list(tmp_path.iterdir()) == []
 

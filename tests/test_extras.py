@@ -46,10 +46,11 @@ def top_level_entries() -> dict[str, set[str]]:
     """Each entry of this environment's site-packages -> the distributions whose files lie under it."""
     owners: dict[str, set[str]] = {}
     for dist in metadata.distributions():
-        for file in dist.files or []:
-            first = file.parts[0]
-            if first != "..":
-                owners.setdefault(first, set()).add(canonicalize_name(dist.metadata["Name"]))
+        name = canonicalize_name(dist.metadata["Name"])
+        # the RECORD's paths, read as text: ``dist.files`` builds an object per file (torch has tens of thousands)
+        for first in {line.split(",", 1)[0].split("/", 1)[0] for line in (dist.read_text("RECORD") or "").splitlines()}:
+            if first and first != "..":
+                owners.setdefault(first, set()).add(name)
     return owners
 
 

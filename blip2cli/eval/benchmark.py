@@ -52,32 +52,32 @@ def run_vqa(benchmark: str, options: RunOptions, predictions: Path | None = None
     from . import vqa_scoring
     from .data import vqa_items
 
-    run = ModelRun(options)
-    given = _zero_shot(benchmark, run, predictions, questions=questions, annotations=annotations)
-    paper = _paper(benchmark, run)
-    questions = _required(benchmark, "--questions", given["questions"])
-    annotations = given["annotations"]
-    if not (annotations is None and run.runs_model):  # test-dev: predictions for the server only
-        annotations = _required(benchmark, "--annotations", annotations)
-    predictions = _predictions(benchmark, predictions, run, lambda: vqa_items(questions, run.images),
-                               "question_id", "answer", on_skip, annotations, {"questions": questions})
-    if predictions is None:
-        return None
-    if annotations is None:
-        return _finish(_predictions_only(predictions), run, benchmark)
-    allow_missing = allow_missing or run.skipped > 0
-    if run.runs_model:
-        lemmatize = lemmatize or run.settings(benchmark).lemmatize
-    files = {"predictions": predictions, "questions": questions, "annotations": annotations}
-    preds, qs, anns = (read_json(files["predictions"], lines_ok=True), read_json(files["questions"]),
-                       read_json(files["annotations"]))
-    if lemmatize:
-        preds = lemmatized(preds)
-    result = _naming_files(lambda: vqa_scoring.score_vqa(preds, anns, qs, allow_missing=allow_missing,
-                                                         legacy_lavis=legacy_lavis), files)
-    if lemmatize:
-        result["notes"].append("predictions lemmatised first (spaCy en_core_web_sm nouns and verbs)")
-    return _finish(result, run, benchmark, paper)
+    with ModelRun(options) as run:
+        given = _zero_shot(benchmark, run, predictions, questions=questions, annotations=annotations)
+        paper = _paper(benchmark, run)
+        questions = _required(benchmark, "--questions", given["questions"])
+        annotations = given["annotations"]
+        if not (annotations is None and run.runs_model):  # test-dev: predictions for the server only
+            annotations = _required(benchmark, "--annotations", annotations)
+        predictions = _predictions(benchmark, predictions, run, lambda: vqa_items(questions, run.images),
+                                   "question_id", "answer", on_skip, annotations, {"questions": questions})
+        if predictions is None:
+            return None
+        if annotations is None:
+            return _finish(_predictions_only(predictions), run, benchmark)
+        allow_missing = allow_missing or run.skipped > 0
+        if run.runs_model:
+            lemmatize = lemmatize or run.settings(benchmark).lemmatize
+        files = {"predictions": predictions, "questions": questions, "annotations": annotations}
+        preds, qs, anns = (read_json(files["predictions"], lines_ok=True), read_json(files["questions"]),
+                           read_json(files["annotations"]))
+        if lemmatize:
+            preds = lemmatized(preds)
+        result = _naming_files(lambda: vqa_scoring.score_vqa(preds, anns, qs, allow_missing=allow_missing,
+                                                             legacy_lavis=legacy_lavis), files)
+        if lemmatize:
+            result["notes"].append("predictions lemmatised first (spaCy en_core_web_sm nouns and verbs)")
+        return _finish(result, run, benchmark, paper)
 
 
 def lemmatized(predictions: Any) -> Any:
@@ -98,18 +98,19 @@ def run_gqa(options: RunOptions, predictions: Path | None = None, questions: Pat
     from . import vqa_scoring
     from .data import gqa_items
 
-    run = ModelRun(options)
-    questions = _required("gqa", "--questions", _zero_shot("gqa", run, predictions, questions=questions)["questions"])
-    paper = _paper("gqa", run)
-    predictions = _predictions("gqa", predictions, run, lambda: gqa_items(questions, run.images), "question_id",
-                               "answer", on_skip, inputs={"questions": questions})
-    if predictions is None:
-        return None
-    files = {"predictions": predictions, "questions": questions}
-    preds, qs = read_json(files["predictions"], lines_ok=True), read_json(files["questions"])
-    allow = allow_missing or run.skipped > 0
-    result = _naming_files(lambda: vqa_scoring.score_gqa(preds, qs, allow_missing=allow), files)
-    return _finish(result, run, "gqa", paper)
+    with ModelRun(options) as run:
+        given = _zero_shot("gqa", run, predictions, questions=questions)
+        questions = _required("gqa", "--questions", given["questions"])
+        paper = _paper("gqa", run)
+        predictions = _predictions("gqa", predictions, run, lambda: gqa_items(questions, run.images), "question_id",
+                                   "answer", on_skip, inputs={"questions": questions})
+        if predictions is None:
+            return None
+        files = {"predictions": predictions, "questions": questions}
+        preds, qs = read_json(files["predictions"], lines_ok=True), read_json(files["questions"])
+        allow = allow_missing or run.skipped > 0
+        result = _naming_files(lambda: vqa_scoring.score_gqa(preds, qs, allow_missing=allow), files)
+        return _finish(result, run, "gqa", paper)
 
 
 def run_captions(benchmark: str, options: RunOptions, predictions: Path | None = None,
@@ -121,28 +122,28 @@ def run_captions(benchmark: str, options: RunOptions, predictions: Path | None =
     from . import caption_scoring
     from .data import caption_items
 
-    run = ModelRun(options)
-    given = _zero_shot(benchmark, run, predictions, annotations=annotations, items=run.items)
-    annotations, run.items = given["annotations"], given["items"]
-    paper = _paper(benchmark, run, printed_per_unit=100)  # the paper prints the metrics x 100
-    if not (annotations is None and run.runs_model and run.items is not None):  # a test split: no references
-        annotations = _required(benchmark, "--annotations", annotations)
-    predictions = _predictions(benchmark, predictions, run,
-                               lambda: caption_items(annotations, run.images, run.items), "image_id", "caption",
-                               on_skip, annotations, {"annotations": annotations, "items": run.items})
-    if predictions is None:
-        return None
-    if annotations is None:
-        return _finish(_predictions_only(predictions), run, benchmark)
-    allow_missing = allow_missing or run.skipped > 0
-    files = {"predictions": predictions, "annotations": annotations}
-    preds, anns = read_json(files["predictions"], lines_ok=True), read_json(files["annotations"])
-    groups = caption_scoring.domain_subsets(anns) if benchmark == "nocaps" else None
-    if subsets is not None:
-        groups = read_subsets(subsets)
-    result = _naming_files(lambda: caption_scoring.score_captions(preds, anns, spice, subsets=groups,
-                                                                  allow_missing=allow_missing), files)
-    return _finish(result, run, benchmark, paper)
+    with ModelRun(options) as run:
+        given = _zero_shot(benchmark, run, predictions, annotations=annotations, items=run.items)
+        annotations, run.items = given["annotations"], given["items"]
+        paper = _paper(benchmark, run, printed_per_unit=100)  # the paper prints the metrics x 100
+        if not (annotations is None and run.runs_model and run.items is not None):  # a test split: no references
+            annotations = _required(benchmark, "--annotations", annotations)
+        predictions = _predictions(benchmark, predictions, run,
+                                   lambda: caption_items(annotations, run.images, run.items), "image_id", "caption",
+                                   on_skip, annotations, {"annotations": annotations, "items": run.items})
+        if predictions is None:
+            return None
+        if annotations is None:
+            return _finish(_predictions_only(predictions), run, benchmark)
+        allow_missing = allow_missing or run.skipped > 0
+        files = {"predictions": predictions, "annotations": annotations}
+        preds, anns = read_json(files["predictions"], lines_ok=True), read_json(files["annotations"])
+        groups = caption_scoring.domain_subsets(anns) if benchmark == "nocaps" else None
+        if subsets is not None:
+            groups = read_subsets(subsets)
+        result = _naming_files(lambda: caption_scoring.score_captions(preds, anns, spice, subsets=groups,
+                                                                      allow_missing=allow_missing), files)
+        return _finish(result, run, benchmark, paper)
 
 
 def read_subsets(path: Path) -> dict[str, set]:
@@ -163,30 +164,31 @@ def run_retrieval(benchmark: str, options: RunOptions, annotations: Path | None 
     from .data import check_image_root, retrieval_items, unreadable_images
     from .retrieval import RetrievalEval, recall_metrics, retrieval_scores
 
-    run = ModelRun(options)
-    spec = run.settings(benchmark, RetrievalEval)
-    annotations = run.apply_zero_shot(benchmark, spec.zero_shot, True, {"annotations": annotations})["annotations"]
-    paper = choose(spec.paper, run.paper, run.model, benchmark)
-    annotations = _required(benchmark, "--annotations", annotations)
-    if run.model is None or run.images is None:
-        protocol = ", or --zero-shot" if spec.zero_shot.model else ""
-        raise Blip2Error(f"eval {benchmark}: give --model (an ITM checkpoint, e.g. blip2-itm-vit-g-coco) and "
-                         f"--images{protocol}")
-    images, texts, img2txt, txt2img = retrieval_items(annotations, run.images)
-    check_image_root(run.images, run.images_hint)
-    bad = unreadable_images(images)
-    if bad:
-        raise Blip2Error(f"{len(bad)} of {len(images)} images cannot be read, and retrieval ranks every text against "
-                         f"every image, so nothing was run: {'; '.join(bad)}")
-    k, batch_size = k or spec.k, batch_size or spec.batch_size
-    out = run.prepare(benchmark, "retrieval scores", {"k": k}, {"annotations": annotations})
-    model = run.load()
-    run.start()
-    scores = retrieval_scores(model, images, texts, k=k, batch_size=batch_size, work_dir=out, settings=spec)
-    if dist.rank() != 0:
-        return None
-    result = {**recall_metrics(scores, img2txt, txt2img), "k": k, "num_images": len(images), "num_texts": len(texts)}
-    return _finish(result, run, benchmark, paper)
+    with ModelRun(options) as run:
+        spec = run.settings(benchmark, RetrievalEval)
+        annotations = run.apply_zero_shot(benchmark, spec.zero_shot, True, {"annotations": annotations})["annotations"]
+        paper = choose(spec.paper, run.paper, run.model, benchmark)
+        annotations = _required(benchmark, "--annotations", annotations)
+        if run.model is None or run.images is None:
+            protocol = ", or --zero-shot" if spec.zero_shot.model else ""
+            raise Blip2Error(f"eval {benchmark}: give --model (an ITM checkpoint, e.g. blip2-itm-vit-g-coco) and "
+                             f"--images{protocol}")
+        images, texts, img2txt, txt2img = retrieval_items(annotations, run.images)
+        check_image_root(run.images, run.images_hint)
+        bad = unreadable_images(images)
+        if bad:
+            raise Blip2Error(f"{len(bad)} of {len(images)} images cannot be read, and retrieval ranks every text "
+                             f"against every image, so nothing was run: {'; '.join(bad)}")
+        k, batch_size = k or spec.k, batch_size or spec.batch_size
+        out = run.prepare(benchmark, "retrieval scores", {"k": k}, {"annotations": annotations})
+        model = run.load()
+        run.start()
+        scores = retrieval_scores(model, images, texts, k=k, batch_size=batch_size, work_dir=out, settings=spec)
+        if dist.rank() != 0:
+            return None
+        result = {**recall_metrics(scores, img2txt, txt2img), "k": k, "num_images": len(images),
+                  "num_texts": len(texts)}
+        return _finish(result, run, benchmark, paper)
 
 
 # --------------------------------------------------------------------------- shared steps

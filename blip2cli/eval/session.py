@@ -75,9 +75,17 @@ class ModelRun:
         of a local checkpoint or LAVIS file, or the hub id), as ``provenance.json`` records it."""
         return {"label": self.label, "source": self.provenance["made_by"]["model"]["source"]}
 
+    def __enter__(self) -> ModelRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def lock_directory(self, directory: Path) -> None:
-        """One run per directory: rank 0 holds its lock until the process ends (a second run stops at once,
-        naming the holder)."""
+        """One run per directory: rank 0 holds its lock until the run ends (``with ModelRun(...)``) or the process
+        does (a second run stops at once, naming the holder)."""
         from ..runtime.rundir import RunLock
 
         if int(os.environ.get("RANK", "0")) == 0:  # before the process group exists: the launcher's rank

@@ -1,7 +1,7 @@
 """An eval run directory is bound to what made its work: model, decoding, dtype and inputs (``provenance.json``).
 
-Everything runs through the real ``blip2`` on tiny models saved as blip2 training runs (``step-000400`` with
-its manifest, and ``latest``).
+Everything runs through ``blip2``'s entry point (in this process: what is tested is the run directory, not the
+process) on tiny models saved as blip2 training runs (``step-000400`` with its manifest, and ``latest``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from blip2cli import integrity
 from blip2cli.runtime import rundir
 
 from tests import tiny
-from tests.helpers import blip2
+from tests.helpers import in_process
 
 QUESTIONS = ["what is on the table?", "what colour is the sky?", "how many dogs are there?", "is it a circle?",
              "what is the man riding?"]
@@ -75,7 +75,7 @@ def write_annotations(root: Path, answers: list[str]) -> None:
 
 
 def eval_vqa(root: Path, model: Path | str, *extra: str) -> subprocess.CompletedProcess:
-    return blip2("eval", "vqav2", "--model", str(model), "--images", "coco", "--questions", "q.json",
+    return in_process("eval", "vqav2", "--model", str(model), "--images", "coco", "--questions", "q.json",
                  "--annotations", "a.json", "--device", "cpu", "--json", *SMALL, *extra, cwd=root)
 
 
@@ -180,19 +180,19 @@ def test_a_truncated_checkpoint_behind_latest_is_one_line(tmp_path, runs, image_
     shutil.copytree(runs["x"].parent, run, symlinks=True)
     (run / "latest").unlink()
     (run / "latest").write_text("step-000400\n")  # the text form
-    ok = blip2("generate", str(image_files[0]), "--model", "runs/x/latest", "--device", "cpu", cwd=tmp_path)
+    ok = in_process("generate", str(image_files[0]), "--model", "runs/x/latest", "--device", "cpu", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-3000:]
     weights = run / "step-000400" / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
-    line = one_error(blip2("generate", str(image_files[0]), "--model", "runs/x/latest", "--device", "cpu",
+    line = one_error(in_process("generate", str(image_files[0]), "--model", "runs/x/latest", "--device", "cpu",
                            cwd=tmp_path))
     assert line.startswith("error: runs/x/step-000400/model.safetensors: ")
     assert "the manifest says" in line
     line = one_error(eval_vqa(bench, run / "latest", "--name", "t"))
     assert f"{run / 'step-000400' / 'model.safetensors'}: " in line and "the manifest says" in line
     (run / "latest").write_text("step-000009\n")
-    line = one_error(blip2("generate", str(image_files[0]), "--model", "runs/x", "--device", "cpu", cwd=tmp_path))
+    line = one_error(in_process("generate", str(image_files[0]), "--model", "runs/x", "--device", "cpu", cwd=tmp_path))
     assert line == "error: runs/x/latest names runs/x/step-000009, which is not a directory: there is no checkpoint " \
                    "to load"
 
@@ -209,13 +209,13 @@ def test_retrieval_scores_are_bound_to_their_model(tmp_path, hf_itm):
     shutil.copytree(hf_itm, other)
     args = ["eval", "flickr30k", "--images", "images", "--annotations", "test.json", "--k", "3", "--device", "cpu",
             "--json", "--name", "f"]
-    first = blip2(*args, "--model", str(hf_itm), cwd=tmp_path)
+    first = in_process(*args, "--model", str(hf_itm), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "runs" / "f" / "itc.pt").exists()
-    line = one_error(blip2(*args, "--model", str(other), cwd=tmp_path))
+    line = one_error(in_process(*args, "--model", str(other), cwd=tmp_path))
     assert line.startswith(f"error: runs/f holds retrieval scores of {Path(hf_itm).resolve()} (weights ")
     assert f"this run uses {other.resolve()} (weights " in line
-    replaced = blip2(*args, "--model", str(other), "--overwrite", cwd=tmp_path)
+    replaced = in_process(*args, "--model", str(other), "--overwrite", cwd=tmp_path)
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert json.loads(replaced.stdout) == json.loads(first.stdout)  # the same weights, copied: the same scores
     made_by = json.loads((tmp_path / "runs" / "f" / "provenance.json").read_text())["made_by"]

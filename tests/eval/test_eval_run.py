@@ -15,7 +15,7 @@ from blip2cli.eval.data import vqa_items
 from blip2cli.eval.generation import GenerationEval, predict
 
 from tests import tiny
-from tests.helpers import blip2
+from tests.helpers import blip2, in_process
 
 QUESTIONS = ["what is on the table?", "what colour is the sky?", "how many dogs are there?", "is it a circle?",
              "what is the man riding?"]
@@ -48,7 +48,7 @@ def test_vqa_run_writes_official_results_and_scores_them(vqa, hf_opt):
     """The scores on stdout (--json), beside the paper's figure of the model --paper names, and in results.json
     with the benchmark and the model: a local checkpoint by its real path."""
     tmp, root, said = vqa
-    proc = blip2("eval", "vqav2", "--model", str(hf_opt), "--images", str(root), "--questions", "q.json",
+    proc = in_process("eval", "vqav2", "--model", str(hf_opt), "--images", str(root), "--questions", "q.json",
                  "--annotations", "a.json", "--name", "v", "--json", "--device", "cpu", *SMALL,
                  "--paper", "blip2-opt-2.7b", cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -93,7 +93,7 @@ def test_two_ranks_give_the_same_predictions_and_scores(vqa, hf_opt):
     tmp, root, _ = vqa
     args = ["eval", "vqav2", "--model", str(hf_opt), "--images", str(root), "--questions", "q.json",
             "--annotations", "a.json", "--json", "--device", "cpu", *SMALL]
-    one = blip2(*args, "--name", "one", cwd=tmp)
+    one = in_process(*args, "--name", "one", cwd=tmp)
     assert one.returncode == 0, one.stderr[-3000:]
     two = blip2(*args, "--name", "two", cwd=tmp, ranks=2)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -113,7 +113,7 @@ def test_captioning_run(tmp_path, hf_t5):
         annotations += [{"image_id": 10 + i, "id": 3 * i + k, "caption": c}
                         for k, c in enumerate(["a red circle", "two dogs in a park", "a photo of a car"])]
     (tmp_path / "gt.json").write_text(json.dumps({"images": images, "annotations": annotations}))
-    proc = blip2("eval", "coco", "--model", str(hf_t5), "--images", str(root), "--annotations", "gt.json",
+    proc = in_process("eval", "coco", "--model", str(hf_t5), "--images", str(root), "--annotations", "gt.json",
                  "--name", "c", "--json", "--no-spice", "--device", "cpu", "--set", "max_new_tokens=4",
                  "--set", "min_new_tokens=1", "--set", "num_beams=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -126,10 +126,10 @@ def test_captioning_run(tmp_path, hf_t5):
 
 def test_missing_image_and_annotation_files_are_one_line_errors(vqa, hf_opt):
     tmp, root, _ = vqa
-    proc = blip2("eval", "vqav2", "--model", str(hf_opt), "--images", str(tmp / "nowhere"), "--questions", "q.json",
-                 "--annotations", "a.json", cwd=tmp)
+    proc = in_process("eval", "vqav2", "--model", str(hf_opt), "--images", str(tmp / "nowhere"), "--questions",
+                      "q.json", "--annotations", "a.json", cwd=tmp)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no such image" in proc.stderr
-    proc = blip2("eval", "vqav2", "--model", str(hf_opt), "--images", str(root), "--questions", "missing.json",
+    proc = in_process("eval", "vqav2", "--model", str(hf_opt), "--images", str(root), "--questions", "missing.json",
                  "--annotations", "a.json", cwd=tmp)
     assert proc.returncode == 2 and "questions file not found" in proc.stderr and "visualqa.org" in proc.stderr
     assert torch.__version__  # the library imports cleanly alongside the CLI
@@ -143,8 +143,8 @@ def test_gqa_run_from_the_official_questions_file(tmp_path, hf_opt):
     questions = {"q1": {"imageId": "n1", "question": "what is on the table?", "answer": "zebra"},
                  "q2": {"imageId": "n2", "question": "is it a circle?", "answer": "zebra"}}
     (tmp_path / "q.json").write_text(json.dumps(questions))
-    proc = blip2("eval", "gqa", "--model", str(hf_opt), "--images", str(root), "--questions", "q.json", "--name", "g",
-                 "--json", "--device", "cpu", *SMALL, cwd=tmp_path)
+    proc = in_process("eval", "gqa", "--model", str(hf_opt), "--images", str(root), "--questions", "q.json",
+                      "--name", "g", "--json", "--device", "cpu", *SMALL, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     preds = json.loads((tmp_path / "runs" / "g" / "predictions.json").read_text())
     assert [p["question_id"] for p in preds] == ["q1", "q2"]
@@ -163,7 +163,7 @@ def test_nocaps_run_with_a_lavis_image_list_and_domains(tmp_path, hf_t5):
         annotations += [{"image_id": i, "id": 2 * i + k, "caption": c} for k, c in enumerate(["a cat", "two dogs"])]
     (tmp_path / "items.json").write_text(json.dumps(items))
     (tmp_path / "gt.json").write_text(json.dumps({"images": images, "annotations": annotations}))
-    proc = blip2("eval", "nocaps", "--model", str(hf_t5), "--images", str(root), "--items", "items.json",
+    proc = in_process("eval", "nocaps", "--model", str(hf_t5), "--images", str(root), "--items", "items.json",
                  "--annotations", "gt.json", "--name", "n", "--json", "--no-spice", "--device", "cpu",
                  "--set", "max_new_tokens=3", "--set", "min_new_tokens=1", "--set", "num_beams=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -176,7 +176,7 @@ def test_nocaps_run_with_a_lavis_image_list_and_domains(tmp_path, hf_t5):
                     reason="spaCy is installed: this test watches the lemmatiser being asked for without it")
 def test_okvqa_recipe_switches_the_lemmatiser_on(vqa, hf_opt):
     tmp, root, _ = vqa
-    proc = blip2("eval", "okvqa", "--model", str(hf_opt), "--images", str(root), "--questions", "q.json",
+    proc = in_process("eval", "okvqa", "--model", str(hf_opt), "--images", str(root), "--questions", "q.json",
                  "--annotations", "a.json", "--name", "ok", "--device", "cpu", *SMALL, "--set", "lemmatize=true",
                  cwd=tmp)
     assert proc.returncode == 2 and "spacy" in proc.stderr.lower() and proc.stderr.count("\n") == 1
@@ -185,7 +185,7 @@ def test_okvqa_recipe_switches_the_lemmatiser_on(vqa, hf_opt):
 
 def test_test_dev_without_annotations_writes_predictions_for_the_server(vqa, hf_opt):
     tmp, root, said = vqa
-    proc = blip2("eval", "vqav2", "--model", str(hf_opt), "--images", str(root), "--questions", "q.json",
+    proc = in_process("eval", "vqav2", "--model", str(hf_opt), "--images", str(root), "--questions", "q.json",
                  "--name", "dev", "--json", "--device", "cpu", *SMALL, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)

@@ -215,14 +215,16 @@ def test_cli_shows_the_papers_figure_beside_the_score(vqa_paths):
     rows = [line.split() for line in table.stderr.splitlines()]
     assert ["accuracy", "(%)", "paper", "Δ"] in rows
     assert ["overall", f"{ours:.2f}", f"{paper:.2f}", f"{ours - paper:+.2f}"] in rows
-    caption = f"paper: {figures.table}, {figures.models['blip2-flan-t5-xl'].row}, {figures.split} ({figures.note})"
+    note = f" ({figures.note})" if figures.note else ""
+    caption = f"paper: {figures.table}, {figures.models['blip2-flan-t5-xl'].row}, {figures.split}{note}"
     assert caption in table.stderr.splitlines()
 
     result = invoke(*args, "--json")
     assert result.exit_code == 0, result.output
     shown = json.loads(result.stdout)
     assert shown.pop("paper") == {"table": figures.table, "split": figures.split, "model": "blip2-flan-t5-xl",
-                                  "row": figures.models["blip2-flan-t5-xl"].row, "note": figures.note,
+                                  "row": figures.models["blip2-flan-t5-xl"].row,
+                                  **({"note": figures.note} if figures.note else {}),
                                   "figures": {"accuracy": paper},
                                   "difference": {"accuracy": pytest.approx(ours - paper, abs=1e-6)}}
     assert shown == score_vqa(*vqa_files())  # every other key as without --paper

@@ -22,7 +22,7 @@ from blip2cli.config import recipe_path
 from blip2cli.runtime.errors import EXIT_OK, EXIT_PARTIAL
 from blip2cli.images import MAX_PIXELS, ImageError, TooManyPixels, check_header, open_rgb
 
-from tests.helpers import BLIP2, FAST, assert_one_line_error, blip2, cli_env, error_lines, records
+from tests.helpers import BLIP2, FAST, assert_one_line_error, blip2, cli_env, error_lines, in_process, records
 
 BIG = 12_000  # 12000 x 12000 = 144 Mpixel: over the limit, under twice Pillow's (where Pillow itself raises)
 BOMB = 20_000  # 20000 x 20000 = 400 Mpixel: over twice Pillow's limit
@@ -87,10 +87,10 @@ def test_144_mpixel_image_is_refused_from_its_header(big_png, hf_opt, tmp_path):
 def test_max_pixels_is_the_limit_both_ways(hf_opt, opt, tmp_path):
     image = tmp_path / "wide.png"
     Image.new("RGB", (300, 200), "teal").save(image)
-    assert_one_line_error(blip2("generate", str(image), "--model", str(hf_opt), "--max-pixels", "59999", *FAST),
+    assert_one_line_error(in_process("generate", str(image), "--model", str(hf_opt), "--max-pixels", "59999", *FAST),
                           "wide.png: 300x200 is 60,000 pixels, over the limit of 59,999")
-    proc = blip2("generate", str(image), "--model", str(hf_opt), "--max-pixels", "60000", "--json", "--num-beams", "1",
-                 *FAST)
+    proc = in_process("generate", str(image), "--model", str(hf_opt), "--max-pixels", "60000", "--json",
+                      "--num-beams", "1", *FAST)
     assert proc.returncode == EXIT_OK, proc.stderr
     assert [r["text"] for r in records(proc)] == [opt.generate(image, num_beams=1, max_new_tokens=4)]
     with pytest.raises(TooManyPixels, match="wide.png: 300x200"):
@@ -103,8 +103,8 @@ def test_max_pixels_is_the_limit_both_ways(hf_opt, opt, tmp_path):
 def test_raised_max_pixels_lets_a_larger_image_through(hf_opt, tmp_path):
     side = 9_500  # 90,250,000 pixels: just over the default limit (and Pillow's warning threshold)
     image = write_blank_png(tmp_path / "large.png", side, side)
-    assert_one_line_error(blip2("generate", str(image), "--model", str(hf_opt), *FAST), "large.png", "90,250,000")
-    proc = blip2("generate", str(image), "--model", str(hf_opt), "--max-pixels", str(side * side), "--json",
+    assert_one_line_error(in_process("generate", str(image), "--model", str(hf_opt), *FAST), "large.png", "90,250,000")
+    proc = in_process("generate", str(image), "--model", str(hf_opt), "--max-pixels", str(side * side), "--json",
                  "--num-beams", "1", *FAST)
     assert proc.returncode == EXIT_OK, proc.stderr
     assert [r["image"] for r in records(proc)] == [str(image)]
@@ -119,7 +119,7 @@ def test_bomb_among_good_images_is_named_and_skipped(hf_opt, image_files, opt, t
         (folder / name).write_bytes(image_files[source].read_bytes())
         good.append(str(folder / name))
     write_blank_png(folder / "b_bomb.png", BOMB, BOMB)
-    proc = blip2("generate", str(folder), "--model", str(hf_opt), "--json", "--num-beams", "1", *FAST)
+    proc = in_process("generate", str(folder), "--model", str(hf_opt), "--json", "--num-beams", "1", *FAST)
     assert proc.returncode == EXIT_PARTIAL, proc.stderr
     assert [r["image"] for r in records(proc)] == good
     assert [r["text"] for r in records(proc)] == opt.generate(good, num_beams=1, max_new_tokens=4)
@@ -162,7 +162,7 @@ def test_fifo_is_refused_without_reading(hf_opt, image_files, tmp_path):
     proc = blip2("generate", fifo, "--model", hf_opt, timeout=120)  # a read would block: the timeout fails it
     assert_one_line_error(proc, f"{fifo}: is a FIFO (named pipe), not an image file")
     (tmp_path / "a.png").write_bytes(image_files[0].read_bytes())
-    proc = blip2("generate", str(tmp_path), "--model", str(hf_opt), "--json", "--num-beams", "1", *FAST)
+    proc = in_process("generate", str(tmp_path), "--model", str(hf_opt), "--json", "--num-beams", "1", *FAST)
     assert proc.returncode == EXIT_PARTIAL, proc.stderr
     assert [r["image"] for r in records(proc)] == [str(tmp_path / "a.png")]
     assert error_lines(proc) == [f"error: {fifo}: is a FIFO (named pipe), not an image file"]
@@ -243,7 +243,8 @@ def test_generate_turns_photos_upright_unless_told_not_to(hf_opt, opt, rotated_j
     assert not opt.pixel_values(rotated_jpeg).equal(opt.pixel_values(open_rgb(rotated_jpeg, exif_transpose=True)))
     kw = {"num_beams": 1, "max_new_tokens": 4}
     for flags, upright in (((), True), (("--no-exif-transpose",), False)):
-        proc = blip2("generate", str(rotated_jpeg), "--model", str(hf_opt), "--json", *flags, "--num-beams", "1", *FAST)
+        proc = in_process("generate", str(rotated_jpeg), "--model", str(hf_opt), "--json", *flags, "--num-beams", "1",
+                          *FAST)
         assert proc.returncode == EXIT_OK, proc.stderr
         assert [r["text"] for r in records(proc)] == [opt.generate(rotated_jpeg, exif_transpose=upright, **kw)]
     assert opt.generate(rotated_jpeg, **kw) == opt.generate(rotated_jpeg, exif_transpose=False, **kw)

@@ -52,9 +52,10 @@ def assets(tmp_path_factory, hf_opt):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage, zero", [("stage1", 2), ("stage1", 3), ("stage2", 2), ("stage2", 3), ("vqa", 2)])
+@pytest.mark.parametrize("stage, zero", [("stage1", 3), ("stage2", 2), ("stage2", 3), ("vqa", 2)])
 def test_zero_two_ranks_equal_one_process(stage, zero, assets, tmp_path):
-    """Losses and full gradients; ``vqa`` is a fine-tune with the ViT trained and a Q-Former reading the question."""
+    """Losses and full gradients; ``vqa`` is a fine-tune with the ViT trained and a Q-Former reading the question.
+    (Stage 1 under ZeRO-2: ``test_two_nodes_on_loopback_equal_one_process``.)"""
     proc = launch([str(WORKER), "--stage", stage, "--zero", str(zero), "--assets", str(assets), "--out",
                    str(tmp_path)], cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -100,7 +101,7 @@ def test_two_nodes_on_loopback_equal_one_process(assets, tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_pretrain_under_the_deepspeed_launcher_saves_and_resumes(tmp_path):
+def test_pretrain_under_the_deepspeed_launcher_saves_and_refuses_another_engine(tmp_path):
     args = [BLIP2, "pretrain", "stage1", "--recipe", "tiny", "--out", "runs", "--name", "ds", "--set",
             "train.steps=4", "--set", "train.save_every=2", "--set", "train.zero_stage=3"]
     first = launch(args, cwd=tmp_path)
@@ -108,10 +109,7 @@ def test_pretrain_under_the_deepspeed_launcher_saves_and_resumes(tmp_path):
     run = tmp_path / "runs" / "ds"
     assert (run / "latest").resolve().name == "step-000004"
     assert (run / "step-000004" / "model.safetensors").exists()
-    again = launch([*args, "--set", "train.steps=6"], cwd=tmp_path)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert "resumed from" in again.stdout + again.stderr
-    assert (run / "latest").resolve().name == "step-000006"
+    # (a resume under ZeRO-3 on two ranks: test_the_slurm_example_requeues_at_the_time_limit_and_the_next_job_continues)
     other = launch([*args, "--set", "train.steps=8", "--set", "train.zero_stage=2"], cwd=tmp_path)
     assert other.returncode != 0 and "written by the deepspeed-zero3 engine" in other.stdout + other.stderr
     import blip2cli
@@ -158,7 +156,7 @@ def test_the_slurm_example_requeues_at_the_time_limit_and_the_next_job_continues
                    "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "4242", "MASTER_PORT": str(free_port()),
                    "DS_ACCELERATOR": "cpu"}, threads=1)
     job = ["bash", str(REPO / "examples" / "slurm" / "blip2.sbatch"), "pretrain", "stage1", "--recipe", "tiny",
-           "--out", "runs", "--name", "slurm", "--set", "train.save_every=100000"]
+           "--out", "runs", "--name", "slurm", "--set", "train.save_every=100000", "--set", "train.zero_stage=3"]
     first = subprocess.Popen([*job, "--set", "train.steps=100000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = tmp_path / "runs" / "slurm" / "metrics.jsonl"

@@ -17,7 +17,7 @@ from blip2cli.runtime.errors import Blip2Error
 from blip2cli.train.tasks import Stage2Loss
 from blip2cli.train.vqa import VqaTask
 
-from tests.helpers import blip2
+from tests.helpers import blip2, in_process
 from tests.train.tiny_tasks import question_aware
 
 
@@ -106,10 +106,10 @@ def test_the_question_is_the_templates_blank_or_the_whole_prompt():
         questions_and_prompts([template], None, template, "m")
 
 
-def _finetune(trained, tmp_path, *args, init: str = "tiny-stage2"):
-    return blip2("finetune", "vqa", "--recipe", "tiny", "--init", str(trained / "runs" / init / "latest"),
-                 "--set", f"model.qformer_text_init={trained / 'runs' / 'tiny-stage1' / 'latest'}", "--out", "runs",
-                 *args, cwd=tmp_path)
+def _finetune(trained, tmp_path, *args, init: str = "tiny-stage2", run=blip2):
+    return run("finetune", "vqa", "--recipe", "tiny", "--init", str(trained / "runs" / init / "latest"),
+               "--set", f"model.qformer_text_init={trained / 'runs' / 'tiny-stage1' / 'latest'}", "--out", "runs",
+               *args, cwd=tmp_path)
 
 
 def test_finetune_vqa_then_eval_and_generate_use_the_question(trained_tiny, tmp_path):
@@ -159,8 +159,8 @@ def test_finetune_vqa_then_eval_and_generate_use_the_question(trained_tiny, tmp_
     (["--set", "stage2.prompt=Short answer"], "a VQA prompt marks the question with {}"),
 ])
 def test_finetune_vqa_bad_input_is_one_line(trained_tiny, tmp_path, args, message):
-    proc = _finetune(trained_tiny, tmp_path, init="tiny-stage1") if args == ["STAGE1"] else \
-        _finetune(trained_tiny, tmp_path, *args)
+    proc = _finetune(trained_tiny, tmp_path, init="tiny-stage1", run=in_process) if args == ["STAGE1"] else \
+        _finetune(trained_tiny, tmp_path, *args, run=in_process)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], proc.stderr
