@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import BLIP2, REPO, TORCHRUN, cli_env, free_port
+from tests.helpers import BLIP2, REPO, TORCHRUN, cli_env, free_port, tensorboard_scalars
 from tests.train.tiny_tasks import B, batch_for, forward_backward, task_for
 
 DEEPSPEED = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
@@ -156,7 +156,8 @@ def test_the_slurm_example_requeues_at_the_time_limit_and_the_next_job_continues
                    "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "4242", "MASTER_PORT": str(free_port()),
                    "DS_ACCELERATOR": "cpu"}, threads=1)
     job = ["bash", str(REPO / "examples" / "slurm" / "blip2.sbatch"), "pretrain", "stage1", "--recipe", "tiny",
-           "--out", "runs", "--name", "slurm", "--set", "train.save_every=100000", "--set", "train.zero_stage=3"]
+           "--out", "runs", "--name", "slurm", "--set", "train.save_every=100000", "--set", "train.zero_stage=3",
+           "--set", "train.loggers=[tensorboard]"]
     first = subprocess.Popen([*job, "--set", "train.steps=100000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = tmp_path / "runs" / "slurm" / "metrics.jsonl"
@@ -183,3 +184,7 @@ def test_the_slurm_example_requeues_at_the_time_limit_and_the_next_job_continues
     assert f"resumed from runs/slurm/step-{step:06d} at step {step}" in again.stderr
     assert (tmp_path / "runs" / "slurm" / "latest").resolve().name == f"step-{step + 2:06d}"
     assert (tmp_path / "requeued").read_text().split() == ["4242"]  # finished: not requeued again
+    # rank 0 alone logs: one event file per job, and each step once
+    assert len(list((tmp_path / "runs" / "slurm" / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    logged = [s for s, _ in tensorboard_scalars(tmp_path / "runs" / "slurm" / "tensorboard")["train/loss"]]
+    assert logged == list(range(1, step + 3))
