@@ -151,6 +151,20 @@ def test_finetune_vqa_then_eval_and_generate_use_the_question(trained_tiny, tmp_
     shown = json.loads(proc.stdout.splitlines()[0])
     assert shown["text"] == tuned.generate(image, "Question: what colour is the circle ? Answer:", num_beams=2)
 
+    # the export's model card: a VQA model in the InstructBLIP layout, with the accuracy eval just measured
+    from huggingface_hub import ModelCard
+
+    scored = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
+    assert scored["model"]["source"] == str(run.resolve())
+    exported = in_process("convert", "runs/tiny-vqa/latest", "--out", "exported", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    card = ModelCard.load(tmp_path / "exported" / "README.md")
+    assert card.data.pipeline_tag == "visual-question-answering" and "instructblip" in card.data.tags
+    [result] = card.data.eval_results
+    assert (result.dataset_type, result.metric_type) == ("vqav2", "accuracy")
+    assert result.metric_value == round(scored["accuracy"], 2)
+    assert "shapes_qa" in card.text  # the recipe's data
+
 
 @pytest.mark.parametrize("args, message", [
     (["STAGE1"], "not a stage-2 (image-to-text) model"),
