@@ -98,10 +98,10 @@ class TorchEngine:
             self.scaler.scale(out["loss"] / len(batches)).backward()
             outs.append(out)
         self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self._trainable() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
+        trainable = self._trainable()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
         if self.recipe.train.grad_clip:
-            torch.nn.utils.clip_grads_with_norm_(self._trainable(), self.recipe.train.grad_clip, norm)
+            torch.nn.utils.clip_grads_with_norm_(trainable, self.recipe.train.grad_clip, norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return {**_mean(outs), "grad_norm": float(norm)}

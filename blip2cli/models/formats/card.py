@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -383,17 +382,10 @@ def _eval_table(evals: list[EvalRun]) -> list[str]:
 
 def export(ckpt: Checkpoint, out: Path, fmt: str, card: Any) -> None:
     """Write ``ckpt`` to ``out`` in format ``fmt`` with ``card`` as its README.md, in one atomic directory write."""
-    from ...runtime.io import atomic_dir
     from .hf import export_hf
-    from .native import write_model
+    from .native import save
 
-    write: Callable[[Path], None] = lambda tmp: card.save(tmp / CARD_FILE)  # noqa: E731
-    if fmt == "hf":
-        export_hf(ckpt, out, extra=write)
-        return
-    with atomic_dir(out) as tmp:
-        write_model(ckpt, tmp)
-        write(tmp)
+    (export_hf if fmt == "hf" else save)(ckpt, out, add_files=lambda tmp: card.save(tmp / CARD_FILE))
 
 
 def push(folder: Path, repo_id: str, private: bool, message: str) -> str:

@@ -127,13 +127,13 @@ def _keys(cfg: Blip2Config) -> keymaps.KeyMap:
     return keymaps.INSTRUCTBLIP_KEYS if cfg.qformer_text_input else keymaps.HF_KEYS
 
 
-def export_hf(ckpt: Checkpoint, out: Path, extra: Callable[[Path], None] | None = None) -> Path:
+def export_hf(ckpt: Checkpoint, out: Path, add_files: Callable[[Path], None] | None = None) -> Path:
     """Write a directory ``transformers`` loads as ``Blip2ForConditionalGeneration`` or ``Blip2ForImageTextRetrieval``,
     or, for a Q-Former that reads the question, as ``InstructBlipForConditionalGeneration`` with an
     ``InstructBlipProcessor`` (its Q-Former tokenizer in ``qformer_tokenizer/``).
 
     An image-to-text model without an ``<image>`` token gets one; when the LLM's vocabulary has no
-    free row for it, the exported embeddings (and LM head) grow by that one row. ``extra`` adds files (e.g. the
+    free row for it, the exported embeddings (and LM head) grow by that one row. ``add_files`` adds files (e.g. the
     model card) to the directory before it takes its name: a failure there leaves ``out`` as it was.
     """
     from safetensors.torch import save_file
@@ -172,8 +172,8 @@ def export_hf(ckpt: Checkpoint, out: Path, extra: Callable[[Path], None] | None 
             processor = {"processor_class": "InstructBlipProcessor", "num_query_tokens": cfg.qformer.num_query_tokens}
             (tmp / "processor_config.json").write_text(json.dumps(processor, indent=2))
         _write_preprocessor(tmp, cfg.vision.image_size)
-        if extra is not None:
-            extra(tmp)
+        if add_files is not None:
+            add_files(tmp)
     return out
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,12 @@ def write_model(ckpt: Checkpoint, out: Path, extra: dict[str, Any] | None = None
         ckpt.qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
 
 
-def save(ckpt: Checkpoint, out: Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``ckpt`` in our format (config, safetensors, tokenizers), atomically."""
+def save(ckpt: Checkpoint, out: Path, extra: dict[str, Any] | None = None,
+         add_files: Callable[[Path], None] | None = None) -> Path:
+    """Write ``ckpt`` in our format (config, safetensors, tokenizers), atomically. ``add_files`` adds files (e.g. the
+    model card) to the directory before it takes its name: a failure there leaves ``out`` as it was."""
     with atomic_dir(out) as tmp:
         write_model(ckpt, tmp, extra)
+        if add_files is not None:
+            add_files(tmp)
     return out
